@@ -1,0 +1,61 @@
+"""`python -m fdlight [group=choice ...] [key=value ...]`: compose the config with Hydra and run its stage."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from importlib import resources
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from fdlight.errors import FDLightError
+
+GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger", "experiment")
+
+
+def group_choices(group: str) -> list[str]:
+    folder = resources.files("fdlight.conf").joinpath(group)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def check_group_overrides(argv: list[str]) -> None:
+    """Fail in one line on `teacher=nope`, naming the choices (Hydra's own message spans many lines)."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if not sep or key not in GROUPS or "," in value or value in ("null", ""):
+            continue
+        choices = group_choices(key)
+        if value not in choices:
+            raise FDLightError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://fdlight.conf", config_name="config")
+def _app(cfg: DictConfig) -> float | None:
+    from fdlight.stages import run
+
+    for handler in list(logging.getLogger("lightning.pytorch").handlers):  # Hydra's handlers print it already
+        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    try:
+        metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+    except FDLightError as e:
+        logging.getLogger("fdlight").debug("user error", exc_info=True)
+        print(f"fdlight: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get("last_loss") if isinstance(metrics, dict) else None
+
+
+def main() -> None:
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    try:
+        check_group_overrides(sys.argv[1:])
+    except FDLightError as e:
+        print(f"fdlight: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The image-classification DataModule (synthetic or ImageFolder), shared by the distillation, fine-tuning and
+linear-probe stages; distillation ignores the labels."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+
+from fdlight.data.folders import SafeImageFolder, class_folder
+from fdlight.data.synthetic import SyntheticClassification
+from fdlight.errors import FDLightError
+
+
+class ClassificationData(L.LightningDataModule):
+    def __init__(self, cfg: DictConfig, batch_size: int, train_transform, val_transform=None, with_val: bool = False):
+        super().__init__()
+        self.cfg, self.batch_size, self.with_val = cfg, batch_size, with_val
+        self.train_transform, self.val_transform = train_transform, val_transform
+        self.train_set = self.val_set = None
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.train_set.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        c = self.cfg
+        if c.name == "synthetic":
+            self.train_set = SyntheticClassification("train", c.num_train, c.raw_size, c.num_classes, c.seed,
+                                                     self.train_transform)
+            if self.with_val:
+                self.val_set = SyntheticClassification("val", c.num_val, c.raw_size, c.num_classes, c.seed,
+                                                       self.val_transform)
+        else:
+            self.train_set = SafeImageFolder(class_folder(c.root, "train"), self.train_transform, c.strict)
+            if self.with_val:
+                self.val_set = SafeImageFolder(class_folder(c.root, "val"), self.val_transform, c.strict)
+                if self.val_set.classes != self.train_set.classes:
+                    raise FDLightError(f"{c.root}/val and {c.root}/train have different class folders "
+                                       f"({len(self.val_set.classes)} vs {len(self.train_set.classes)}); use the same "
+                                       f"class names in both")
+        if len(self.train_set) < self.batch_size:
+            raise FDLightError(f"the training set has {len(self.train_set)} images, fewer than one batch of "
+                               f"{self.batch_size}; lower the stage's batch_size or add images")
+
+    @property
+    def skipped_images(self) -> int:
+        return sum(getattr(s, "skipped", 0) for s in (self.train_set, self.val_set) if s is not None)
+
+    def _loader(self, dataset, train: bool) -> DataLoader:
+        workers = int(self.cfg.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
+                          num_workers=workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False) if self.val_set is not None else []

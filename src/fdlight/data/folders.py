@@ -1,0 +1,61 @@
+"""ImageFolder trees (ImageNet layout) that check their layout and survive unreadable images."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from pathlib import Path
+
+from PIL import Image
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from fdlight.errors import FDLightError, check
+
+log = logging.getLogger(__name__)
+
+
+def class_folder(root: str | Path, split: str) -> Path:
+    """root/split as an ImageFolder: it must exist and hold one sub-folder per class with images in them."""
+    root = Path(str(root)).expanduser()
+    check(root.is_dir(), f"data.root={root} does not exist; point data.root at a folder holding {split}/<class>/<image>")
+    path = root / split
+    check(path.is_dir(), f"data.root={root} has no {split}/ folder; arrange it as {root}/{split}/<class>/<image>")
+    classes = [d for d in path.iterdir() if d.is_dir()]
+    if not classes:
+        loose = any(f.suffix.lower() in IMG_EXTENSIONS for f in path.iterdir())
+        hint = " (its images lie loose: move each into a folder named after its class)" if loose else ""
+        raise FDLightError(f"{path} has no class folders{hint}; arrange it as {path}/<class>/<image>")
+    return path
+
+
+class SafeImageFolder(ImageFolder):
+    """ImageFolder that skips (and counts) unreadable images, or stops at the first one when strict."""
+
+    def __init__(self, root: str | Path, transform=None, strict: bool = False):
+        try:
+            super().__init__(str(root), transform=transform)
+        except FileNotFoundError as e:
+            raise FDLightError(f"{root} holds no images ({e}); put .jpg/.png files in its class folders") from e
+        self.strict = strict
+        self._skipped = multiprocessing.Value("i", 0)
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped.value
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                with open(path, "rb") as f:
+                    img = Image.open(f).convert("RGB")
+            except Exception as e:  # noqa: BLE001 - any decoder error means an unreadable file
+                if self.strict:
+                    raise FDLightError(f"unreadable image {path} ({type(e).__name__}); remove it or set "
+                                       f"data.strict=false to skip such files") from e
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                log.warning("skipping unreadable image %s (%s)", path, type(e).__name__)
+                continue
+            return (self.transform(img) if self.transform else img), target
+        raise FDLightError(f"no readable image under {self.root}")

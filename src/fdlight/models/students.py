@@ -1,0 +1,75 @@
+"""Students: fresh timm models in the FD shape, their official init, and the classes FSDP wraps."""
+from __future__ import annotations
+
+import importlib
+import math
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.errors import check
+from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
+
+
+def student_kwargs(cfg: DictConfig) -> dict:
+    """The timm keyword arguments that rebuild this student's architecture (drop path excluded)."""
+    return OmegaConf.to_container(cfg.kwargs, resolve=True)
+
+
+def check_drop_path(rate: float, key: str) -> float:
+    check(isinstance(rate, (int, float)) and 0.0 <= float(rate) < 1.0,
+          f"{key}={rate} is outside [0, 1); pass a rate such as {key}=0.1")
+    return float(rate)
+
+
+def build_student(cfg: DictConfig, drop_path: float = 0.0, num_classes: int | None = None, **overrides) -> nn.Module:
+    """A randomly initialised student. `num_classes`/`overrides` adapt it for fine-tuning stages."""
+    import timm
+
+    check(cfg.model.split(".")[0] in timm.list_models(), f"unknown timm model {cfg.model!r} for student {cfg.name!r}")
+    kwargs = student_kwargs(cfg)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    kwargs.update(overrides)
+    model = timm.create_model(cfg.model, pretrained=False, drop_path_rate=check_drop_path(drop_path, "drop_path.student"),
+                              **kwargs)
+    if cfg.get("init") == "fd" and not _on_meta(model):
+        fd_vit_init(model)
+    return model
+
+
+def student_layout(cfg: DictConfig, model: nn.Module) -> TokenLayout:
+    return checked_layout(OmegaConf.to_container(cfg, resolve=True), timm_layout(model), "student")
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+@torch.no_grad()
+def fd_vit_init(model: nn.Module, std: float = 0.02) -> None:
+    """The official FD ViT init (fd-method.md §1.2): Linear/Conv2d weights and the CLS token from a normal of std 0.02
+    truncated at +-1 std, zero biases, then each block's attn.proj and mlp.fc2 divided by sqrt(2 * block number).
+    LayerNorms, layer scale and the (zero) relative position bias keep their values."""
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std, a=-std, b=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    if getattr(model, "cls_token", None) is not None:
+        nn.init.trunc_normal_(model.cls_token, std=std, a=-std, b=std)
+    for i, block in enumerate(getattr(model, "blocks", [])):
+        block.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
+        block.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+
+
+def resolve_class(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def block_classes(cfg: DictConfig) -> set[type]:
+    """The student's transformer block class(es): the FSDP wrap and activation-checkpointing unit."""
+    names = cfg.block_class if OmegaConf.is_list(cfg.block_class) else [cfg.block_class]
+    return {resolve_class(n) for n in names}

@@ -1,0 +1,136 @@
+"""Reading weight files, adapting foreign layouts, loading through timm, exporting loadable safetensors."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fdlight.errors import FDLightError, check
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def is_torchscript(path: str | Path) -> bool:
+    """True for a TorchScript archive (the original OpenAI CLIP .pt files are)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") for n in z.namelist())
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, a torch pickle (plain or wrapped), or a TorchScript archive."""
+    path = Path(path)
+    check(path.is_file(), f"weights file not found: {path} (pass an existing .pt/.pth/.bin/.safetensors file)")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        if is_torchscript(path):
+            return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FDLightError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure means the same thing to the user
+        raise FDLightError(f"cannot read weights file {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+
+
+def unwrap(sd: dict, keys=("state_dict", "model", "module")) -> dict[str, torch.Tensor]:
+    """Strip the usual checkpoint wrappers ({'model': ...}, {'state_dict': ...}) and 'module.' prefixes."""
+    for k in keys:
+        if isinstance(sd, dict) and k in sd and isinstance(sd[k], dict):
+            sd = sd[k]
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
+def adapt_esvit(sd: dict) -> dict[str, torch.Tensor]:
+    """EsViT checkpoint -> Swin backbone state dict: its 'student' entry (not the EMA teacher, as the official FD
+    code does), 'module.'/'backbone.' prefixes stripped, projection heads dropped."""
+    sd = sd.get("student", sd) if isinstance(sd, dict) else sd
+    sd = unwrap(sd)
+    if any(k.startswith("backbone.") for k in sd):
+        sd = {k.removeprefix("backbone."): v for k, v in sd.items() if k.startswith("backbone.")}
+    return {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dense."))}
+
+
+ADAPTERS: dict[str | None, Callable[[dict], dict]] = {None: unwrap, "esvit": adapt_esvit}
+
+
+def summarize_load_error(err: Exception, path, what: str) -> FDLightError:
+    """Turn a long load_state_dict error into one line with the first mismatched keys."""
+    text = str(err)
+    parts = []
+    for label, pat in (("missing", r"Missing key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n|\n|$)"),
+                       ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n|\n|$)")):
+        m = re.search(pat, text, flags=re.S)
+        if m:
+            keys = re.findall(r'"([^"]+)"', m.group(1))
+            parts.append(f"{label} keys ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
+    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape (torch.Size\(\[[^\]]*\]\))"
+                       r" from checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))", text)
+    if sizes:
+        k, a, b = sizes[0]
+        parts.append(f"{len(sizes)} shape mismatches, e.g. {k}: file {a[11:-1]} vs model {b[11:-1]}")
+    detail = "; ".join(parts) or text.splitlines()[0][:300]
+    return FDLightError(f"weights file {path} does not fit {what}: {detail} (pass weights saved for this "
+                        f"architecture, or choose the matching config)")
+
+
+def network_available(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline() -> None:
+    """Make the hub client fail fast (seconds, not a minute of retries) when there is no network."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        import huggingface_hub.constants as c
+        c.HF_HUB_OFFLINE = True
+    except Exception:  # noqa: BLE001 - older clients read the variable at call time
+        pass
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """Write then rename, so a crash never leaves a half-written file under the final name."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def export_timm(model: torch.nn.Module, path: str | Path, timm_name: str, timm_kwargs: dict, **extra) -> Path:
+    """Save a timm model's weights so `timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=path), **kwargs)` rebuilds it; name and kwargs travel in the metadata."""
+    meta = {"timm_model": timm_name, "timm_kwargs": json.dumps(timm_kwargs), "format": "fdlight"}
+    meta.update({k: str(v) for k, v in extra.items()})
+    atomic_save_safetensors(model.state_dict(), path, meta)
+    return Path(path)
+
+
+def read_export_metadata(path: str | Path) -> dict:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    out = dict(meta)
+    if "timm_kwargs" in out:
+        out["timm_kwargs"] = json.loads(out["timm_kwargs"])
+    return out
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

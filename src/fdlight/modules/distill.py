@@ -1,0 +1,148 @@
+"""The feature-distillation LightningModule (fd-method.md §1): student -> 1x1 projector -> smooth-L1 against the
+teacher's whitened token map. The teacher is held outside the module tree, so it is never in the optimizer, a
+checkpoint, an FSDP unit or a DDP bucket."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath
+
+from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fdlight.errors import FDLightError
+from fdlight.models.layout import TokenLayout, check_grids
+from fdlight.models.teachers import Teacher
+from fdlight.optim import adamw_with_schedule, param_groups, scaled_lr
+
+
+def whiten(target: torch.Tensor, method: str, eps: float = 1e-5) -> torch.Tensor:
+    """FD whitening: per-token standardisation over channels (a LayerNorm without affine), in fp32."""
+    if method == "fd_ln":
+        return F.layer_norm(target.float(), target.shape[-1:], eps=eps)
+    if method == "none":
+        return target.float()
+    raise FDLightError(f"unknown whitening {method!r}; use whitening=fd_ln or whitening=none")
+
+
+def fd_loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
+    """Smooth-L1 with beta (2.0 in FD), mean over every batch x token x channel entry, in fp32."""
+    return F.smooth_l1_loss(pred.float(), target.float(), beta=beta)
+
+
+def student_tokens(student: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = student.forward_features(x)
+    return out.flatten(1, 2) if out.ndim == 4 else out  # Swin: NHWC -> (B, HW, C)
+
+
+class FeatureDistillation(L.LightningModule):
+    def __init__(self, student: nn.Module, student_layout: TokenLayout, teacher: Teacher, optim: dict,
+                 whitening: str = "fd_ln", whitening_eps: float = 1e-5, loss_beta: float = 2.0,
+                 include_prefix_tokens: bool = True, teacher_resize: str = "bilinear",
+                 no_decay_keywords=(), teacher_drop_path: bool = False):
+        super().__init__()
+        check_grids(student_layout, teacher.layout)
+        self.student = student
+        self.projector = nn.Linear(student_layout.dim, teacher.layout.dim)  # == Conv1d(k=1) over tokens
+        object.__setattr__(self, "teacher", teacher)  # deliberately not a submodule
+        self.student_layout, self.optim_cfg = student_layout, dict(optim)
+        self.whitening, self.whitening_eps, self.loss_beta = whitening, whitening_eps, loss_beta
+        self.teacher_resize, self.no_decay_keywords = teacher_resize, tuple(no_decay_keywords)
+        self.teacher_drop_path = teacher_drop_path
+        same_prefix = student_layout.prefix_tokens == teacher.layout.prefix_tokens
+        self.prefix_in_loss = include_prefix_tokens and same_prefix
+        # Student input is ImageNet-normalised; the teacher gets its own statistics: x_t = x * a + b per channel.
+        mean_in, std_in = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.register_buffer("renorm_scale", (std_in / teacher.std.cpu()), persistent=False)
+        self.register_buffer("renorm_shift", ((mean_in - teacher.mean.cpu()) / teacher.std.cpu()), persistent=False)
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.distill_loss = self._distill_loss
+
+    # ------------------------------------------------------------------------------------------------- the step
+    def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.renorm_scale + self.renorm_shift
+        size = self.teacher.layout.img_size
+        if x.shape[-1] != size or x.shape[-2] != size:
+            x = F.interpolate(x, size=(size, size), mode=self.teacher_resize, align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def target(self, x: torch.Tensor) -> torch.Tensor:
+        """Whitened teacher tokens for an ImageNet-normalised batch at the student's resolution."""
+        t = self.teacher(self.teacher_input(x).to(self.teacher.mean.dtype))
+        if not self.prefix_in_loss:
+            t = t[:, self.teacher.layout.prefix_tokens:]
+        return whiten(t, self.whitening, self.whitening_eps)
+
+    def prediction(self, x: torch.Tensor) -> torch.Tensor:
+        z = student_tokens(self.student, x)
+        if not self.prefix_in_loss:
+            z = z[:, self.student_layout.prefix_tokens:]
+        return self.projector(z)
+
+    def _distill_loss(self, x: torch.Tensor) -> torch.Tensor:
+        return fd_loss(self.prediction(x), self.target(x), self.loss_beta)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        loss = self.distill_loss(x)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FDLightError(
+                f"non-finite FD loss ({value}) at step {self.global_step}; stopped before the update, the last good "
+                f"checkpoint is kept; lower distill.base_lr or check the teacher weights and input data")
+        if self.first_loss is None:
+            self.first_loss = value
+        self.last_loss = value
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        return loss
+
+    # ------------------------------------------------------------------------------------- teacher bookkeeping
+    def place_teacher(self) -> None:
+        """Move the teacher beside the student; bf16 weights when the run computes in bf16."""
+        precision = str(getattr(self.trainer, "precision", "32")) if self._trainer is not None else "32"
+        dtype = torch.bfloat16 if "bf16" in precision and self.device.type == "cuda" else torch.float32
+        self.teacher.to(device=self.device, dtype=dtype).freeze()
+        if self.teacher_drop_path:  # symmetric-drop-path ablation: only the DropPath layers train
+            for m in self.teacher.modules():
+                if isinstance(m, DropPath):
+                    nn.Module.train(m, True)
+
+    def on_fit_start(self) -> None:
+        self.place_teacher()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["fd_first_loss"] = self.first_loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.first_loss = checkpoint.get("fd_first_loss")
+
+    # ---------------------------------------------------------------------------------------------- optimizer
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        named = [("student." + n, p) for n, p in self.student.named_parameters()]
+        named += [("projector." + n, p) for n, p in self.projector.named_parameters()]
+        groups = param_groups(named, o["weight_decay"], self.no_decay_keywords)
+        t = self.trainer
+        total_batch = o["batch_size"] * t.world_size * t.accumulate_grad_batches
+        total = int(t.estimated_stepping_batches)
+        warmup = int(round(total * o["warmup_epochs"] / max(o["epochs"], 1)))
+        opt, sched = adamw_with_schedule(
+            groups, scaled_lr(o["base_lr"], total_batch), scaled_lr(o["warmup_lr"], total_batch),
+            scaled_lr(o["min_lr"], total_batch), warmup, total, o["betas"], fused=self.device.type == "cuda")
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Clip by global norm (3.0 in FD) and log the norm; under FSDP the sharded root does the clipping."""
+        max_norm = self.optim_cfg.get("clip_grad") or float("inf")
+        from lightning.pytorch.strategies import FSDPStrategy
+        if isinstance(self.trainer.strategy, FSDPStrategy):
+            norm = self.trainer.model.clip_grad_norm_(max_norm)
+        else:
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.log("train/grad_norm", norm, prog_bar=False)

@@ -1,0 +1,62 @@
+"""AdamW parameter groups (official no-decay rules, layer-wise lr scales) and the per-step warmup + cosine schedule."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, no_decay_keywords=(),
+                 layer_of: Callable[[str], int] | None = None, num_layers: int = 1, layer_decay: float = 1.0
+                 ) -> list[dict]:
+    """Split trainable parameters into AdamW groups. No weight decay for 1-D tensors, biases and names containing a
+    keyword (fd-method.md §1.9). With `layer_of`, each group also carries lr_scale = decay^(num_layers-1-layer)."""
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in named:
+        if not p.requires_grad:
+            continue
+        decay = p.ndim > 1 and not name.endswith(".bias") and not any(k in name for k in no_decay_keywords)
+        layer = layer_of(name) if layer_of else num_layers - 1
+        g = groups.setdefault((layer, decay), {
+            "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,
+            "lr_scale": layer_decay ** (num_layers - 1 - layer), "layer_id": layer})
+        g["params"].append(p)
+        g["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+class WarmupCosine:
+    """lr(step) / peak for one param group: linear warmup from `start` to `peak`, then cosine from `peak` to `end`.
+    As in the official code (timm 0.4.12), start and end are not layer-scaled; the peak is, exactly once."""
+
+    def __init__(self, peak: float, start: float, end: float, warmup_steps: int, total_steps: int):
+        self.peak, self.start, self.end = peak, start, end
+        self.warmup_steps, self.total_steps = int(warmup_steps), max(int(total_steps), 1)
+
+    def lr(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.start + (self.peak - self.start) * step / self.warmup_steps
+        t = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+        return self.end + 0.5 * (self.peak - self.end) * (1.0 + math.cos(math.pi * t))
+
+    def __call__(self, step: int) -> float:
+        return self.lr(step) / self.peak if self.peak else 0.0
+
+
+def scaled_lr(base: float, total_batch: int) -> float:
+    """The official linear scaling rule: lr = base x total batch / 512."""
+    return base * total_batch / 512.0
+
+
+def adamw_with_schedule(groups: list[dict], lr: float, warmup_lr: float, min_lr: float, warmup_steps: int,
+                        total_steps: int, betas=(0.9, 0.999), fused: bool = False):
+    """AdamW whose groups peak at lr x lr_scale, and a per-step LambdaLR that follows WarmupCosine for each group."""
+    for g in groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+    clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
+    opt = torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), eps=1e-8, fused=fused or None)
+    curves = [WarmupCosine(g["lr"], warmup_lr, min_lr, warmup_steps, total_steps) for g in opt.param_groups]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, curves)
+    return opt, sched

@@ -1,0 +1,122 @@
+"""What every stage shares: the run directory, the Trainer (precision, strategy, logger, checkpoints), throughput,
+and the metrics file."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.errors import FDLightError, check
+from fdlight.models.weights import atomic_write_text
+
+RUN_MARKERS = ("checkpoints", "metrics.json", "config.yaml", "student.safetensors", "model.safetensors")
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """Refuse to overwrite an earlier run; return the checkpoint to resume from, if any; save the resolved config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    used = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    ckpt = None
+    if cfg.get("resume"):
+        ckpt = run_dir / "checkpoints" / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
+        check(ckpt.is_file(), f"resume={cfg.resume}: no checkpoint at {ckpt}; pass resume=<path to a .ckpt> or "
+                              f"resume=true with hydra.run.dir set to the run to continue")
+    elif used:
+        raise FDLightError(f"run directory {run_dir} already holds a run ({', '.join(used)}); pass resume=true to "
+                           f"continue it, or choose another hydra.run.dir=")
+    if not (run_dir / "config.yaml").exists():
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    return ckpt
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    if trainer_cfg.precision != "auto":
+        return str(trainer_cfg.precision)
+    gpu = torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def build_strategy(trainer_cfg: DictConfig, wrap_classes: set[type] | None):
+    if trainer_cfg.strategy != "fsdp":
+        return trainer_cfg.strategy
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    check(bool(wrap_classes), "trainer=fsdp needs the student's block_class in its config to wrap")
+    return FSDPStrategy(auto_wrap_policy=set(wrap_classes),
+                        activation_checkpointing_policy=set(wrap_classes) if trainer_cfg.activation_checkpointing
+                        else None,
+                        sharding_strategy="FULL_SHARD", state_dict_type="full")
+
+
+def wandb_offline(logger_cfg: DictConfig) -> bool:
+    if logger_cfg.get("offline") is not None:
+        return bool(logger_cfg.offline)
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in (
+        Path.home().joinpath(".netrc").read_text() if Path.home().joinpath(".netrc").exists() else "")
+    return not has_key or os.environ.get("WANDB_MODE") == "offline"
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    if cfg.logger.name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+        return CSVLogger(save_dir=str(run_dir), name="logs")
+    if cfg.logger.name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+        lg = cfg.logger
+        return WandbLogger(project=lg.project, entity=lg.entity, save_dir=str(run_dir), name=run_dir.name,
+                           offline=wandb_offline(lg), tags=list(lg.tags or []), log_model=False,
+                           config=OmegaConf.to_container(cfg, resolve=True))
+    raise FDLightError(f"unknown logger {cfg.logger.name!r}; use logger=csv or logger=wandb")
+
+
+class Throughput(Callback):
+    """Images per second of the training loop (data loading included), logged per step and averaged for the end."""
+
+    def __init__(self):
+        self.images, self.seconds, self._t = 0, 0.0, None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._t = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self._t is None:
+            return
+        if torch.cuda.is_available() and module.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - self._t
+        n = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+        if trainer.global_step > 1:  # skip the first steps' warm-up cost
+            self.images += n
+            self.seconds += dt
+        module.log("train/img_per_s", n / max(dt, 1e-9), prog_bar=True)
+
+    @property
+    def img_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else float("nan")
+
+
+def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbacks=(), wrap_classes=None,
+                  checkpoint_every: int | None = None, validate: bool = False) -> L.Trainer:
+    t = cfg.trainer
+    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                           every_n_train_steps=checkpoint_every or None, save_on_train_epoch_end=True)
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
+        max_epochs=int(stage_cfg.epochs), max_steps=int(stage_cfg.get("max_steps", -1)),
+        accumulate_grad_batches=int(t.accumulate_grad_batches),
+        logger=build_logger(cfg, run_dir), callbacks=[ckpt, *callbacks],
+        log_every_n_steps=int(stage_cfg.get("log_every_n_steps", 10)),
+        limit_val_batches=None if validate else 0, num_sanity_val_steps=0,
+        default_root_dir=str(run_dir), enable_model_summary=False,
+    )
+
+
+def write_metrics(run_dir: Path, metrics: dict) -> None:
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,66 @@
+"""stage=distill: build teacher, student and data from the config, train, export `student.safetensors`."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+
+from fdlight.data.classification import ClassificationData
+from fdlight.data.transforms import fd_train_transform
+from fdlight.models.students import block_classes, build_student, check_drop_path, student_kwargs, student_layout
+from fdlight.models.teachers import build_teacher
+from fdlight.models.weights import export_timm
+from fdlight.modules.distill import FeatureDistillation
+from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def build_distillation(cfg: DictConfig) -> FeatureDistillation:
+    """The LightningModule of a config: checks drop-path rates and token grids before anything trains."""
+    dp_student = check_drop_path(cfg.drop_path.student, "drop_path.student")
+    dp_teacher = check_drop_path(cfg.drop_path.teacher, "drop_path.teacher")
+    teacher = build_teacher(cfg.teacher, drop_path=dp_teacher, seed=cfg.seed)
+    student = build_student(cfg.student, drop_path=dp_student)
+    d = cfg.distill
+    module = FeatureDistillation(
+        student, student_layout(cfg.student, student), teacher,
+        optim=dict(batch_size=d.batch_size, base_lr=d.base_lr, warmup_lr=d.warmup_lr, min_lr=d.min_lr,
+                   warmup_epochs=d.warmup_epochs, epochs=d.epochs, weight_decay=d.weight_decay,
+                   betas=list(d.betas), clip_grad=d.clip_grad),
+        whitening=cfg.whitening.name, whitening_eps=cfg.whitening.eps, loss_beta=d.loss_beta,
+        include_prefix_tokens=d.include_prefix_tokens, teacher_resize=d.teacher_resize,
+        no_decay_keywords=cfg.student.no_decay_keywords, teacher_drop_path=dp_teacher > 0)
+    if cfg.trainer.compile:
+        module.distill_loss = torch.compile(module._distill_loss)
+    return module
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    resume = prepare_run_dir(cfg, run_dir)
+    module = build_distillation(cfg)
+    data = ClassificationData(cfg.data, cfg.distill.batch_size,
+                              fd_train_transform(module.student_layout.img_size, cfg.data.min_scale))
+    data.setup()
+    meter = Throughput()
+    trainer = build_trainer(cfg, cfg.distill, run_dir, callbacks=[meter], wrap_classes=block_classes(cfg.student),
+                            checkpoint_every=cfg.distill.checkpoint_every_n_steps)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+    wall = time.perf_counter() - start
+    metrics = {"stage": "distill", "teacher": cfg.teacher.name, "student": cfg.student.name,
+               "first_loss": module.first_loss, "last_loss": module.last_loss, "steps": trainer.global_step,
+               "img_per_s": meter.img_per_s, "wall_s": wall, "skipped_images": data.skipped_images}
+    if trainer.is_global_zero:
+        export_timm(module.student, run_dir / "student.safetensors", cfg.student.model, student_kwargs(cfg.student),
+                    teacher=cfg.teacher.name, stage="distill")
+        write_metrics(run_dir, metrics)
+        log.info("distilled %s <- %s: loss %.4f -> %.4f over %d steps; student at %s", cfg.student.name,
+                 cfg.teacher.name, metrics["first_loss"], metrics["last_loss"], metrics["steps"],
+                 run_dir / "student.safetensors")
+    return metrics
