@@ -1,7 +1,6 @@
 """Frozen teachers: any timm or open_clip model behind one interface, image -> tokens after its own final norm."""
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Callable
 
@@ -11,8 +10,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdlight.errors import FDLightError, check
 from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
-from fdlight.models.weights import (ADAPTERS, WEIGHT_SUFFIXES, go_offline, is_torchscript, network_available, read_state_dict,
-                                    summarize_load_error)
+from fdlight.models.weights import (ADAPTERS, WEIGHT_SUFFIXES, classifier_prefixes, go_offline, is_torchscript,
+                                    load_timm_state_dict, network_available, read_state_dict, summarize_load_error)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,37 +56,12 @@ def open_clip_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------- timm
-def timm_filter_fn(model: nn.Module) -> Callable:
-    """The model family's own checkpoint converter (layout conversion, resizing), as timm's pretrained loader uses."""
-    module = importlib.import_module(type(model).__module__)
-    return getattr(module, "checkpoint_filter_fn", lambda sd, m: sd)
-
-
 def load_timm_file(model: nn.Module, path: str, adapter: str | None, what: str) -> None:
-    """Load a local file the way timm loads pretrained weights: unwrap, convert, then load. Unlike timm's
-    pretrained path, keys may be left over only for the classifier, so a file of another architecture fails."""
+    """Load a local file the way timm loads pretrained weights (unwrap, convert with the family's filter, load);
+    only classifier keys may be left over, so a file of another architecture fails with its keys named."""
     sd = ADAPTERS[adapter](read_state_dict(path))
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # OpenAI files hold fp16
-    try:
-        sd = timm_filter_fn(model)(sd, model)
-    except Exception as e:  # noqa: BLE001 - a converter choking on foreign keys is a mismatch too
-        raise FDLightError(f"weights file {path} does not fit {what}: its keys cannot be converted "
-                           f"({type(e).__name__}: {e}); pass weights saved for this architecture") from e
-    head = model.pretrained_cfg.get("classifier") or "head"
-    heads = (head,) if isinstance(head, str) else tuple(head)
-    sd = {k: v for k, v in sd.items() if not k.startswith(tuple(h + "." for h in heads))}
-    try:
-        result = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise summarize_load_error(e, path, what) from e
-    missing = [k for k in result.missing_keys if not k.startswith(heads)]
-    if missing or result.unexpected_keys:
-        lines = []
-        if missing:
-            lines.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
-        if result.unexpected_keys:
-            lines.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in result.unexpected_keys) + ".")
-        raise summarize_load_error(RuntimeError("\n".join(lines)), path, what)
+    heads = classifier_prefixes(model)
+    load_timm_state_dict(model, sd, path, what, allow_missing=heads, allow_unexpected=heads)
 
 
 def hub_error(name: str, hub_id: str | None, reason: str) -> FDLightError:

@@ -1,6 +1,7 @@
 """Reading weight files, adapting foreign layouts, loading through timm, exporting loadable safetensors."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -80,6 +81,43 @@ def summarize_load_error(err: Exception, path, what: str) -> FDLightError:
     detail = "; ".join(parts) or text.splitlines()[0][:300]
     return FDLightError(f"weights file {path} does not fit {what}: {detail} (pass weights saved for this "
                         f"architecture, or choose the matching config)")
+
+
+def timm_filter_fn(model: torch.nn.Module) -> Callable:
+    """The model family's own checkpoint converter (layout conversion, resizing), as timm's pretrained loader uses."""
+    module = importlib.import_module(type(model).__module__)
+    return getattr(module, "checkpoint_filter_fn", lambda sd, m: sd)
+
+
+def classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    head = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
+    return tuple(h + "." for h in ((head,) if isinstance(head, str) else head))
+
+
+def load_timm_state_dict(model: torch.nn.Module, sd: dict, path, what: str, allow_missing=(), allow_unexpected=()):
+    """Convert `sd` with the model family's timm filter and load it; keys may be missing or left over only under the
+    allowed prefixes, anything else is a one-line error naming the keys."""
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}  # OpenAI files hold fp16
+    try:
+        sd = timm_filter_fn(model)(sd, model)
+    except Exception as e:  # noqa: BLE001 - a converter choking on foreign keys is a mismatch too
+        raise FDLightError(f"weights file {path} does not fit {what}: its keys cannot be converted "
+                           f"({type(e).__name__}: {e}); pass weights saved for this architecture") from e
+    sd = {k: v for k, v in sd.items() if not (allow_unexpected and k.startswith(tuple(allow_unexpected)))}
+    try:
+        result = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise summarize_load_error(e, path, what) from e
+    missing = [k for k in result.missing_keys if not (allow_missing and k.startswith(tuple(allow_missing)))]
+    if missing or result.unexpected_keys:
+        lines = []
+        if missing:
+            lines.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
+        if result.unexpected_keys:
+            lines.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in result.unexpected_keys)
+                         + ".")
+        raise summarize_load_error(RuntimeError("\n".join(lines)), path, what)
+    return result
 
 
 def network_available(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:

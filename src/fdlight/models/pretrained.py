@@ -1,0 +1,100 @@
+"""Build a downstream model from an earlier stage's weights file (fd-method.md §2.1-2.2).
+
+A file written by fdlight (`student.safetensors`, `model.safetensors`) carries its timm name and kwargs in its
+metadata. Any other file (a teacher's own weights: the paper's baseline) needs the architecture named by a teacher
+config. For the FD ViT student (timm Beit), the shared relative position bias is copied into every block, the
+distilled final norm is dropped, and patch tokens are mean-pooled into a fresh `fc_norm`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.errors import FDLightError, check
+from fdlight.models.weights import (ADAPTERS, classifier_prefixes, load_timm_state_dict, read_export_metadata,
+                                    read_state_dict)
+
+SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
+
+
+@dataclass
+class Architecture:
+    timm_model: str
+    kwargs: dict = field(default_factory=dict)
+    adapter: str | None = None
+
+
+def architecture_of(path: str | Path, teacher_cfg: DictConfig | None = None) -> Architecture:
+    """From the file's fdlight metadata, else from a teacher config (`teacher=<name>`)."""
+    path = Path(str(path))
+    check(path.is_file(), f"pretrained file not found: {path}; pass the student.safetensors or model.safetensors "
+                          f"of an earlier run, or a teacher's weights file with teacher=<its config>")
+    if path.suffix == ".safetensors":
+        meta = read_export_metadata(path)
+        if "timm_model" in meta:
+            return Architecture(meta["timm_model"], dict(meta["timm_kwargs"]))
+    if teacher_cfg is None or teacher_cfg.builder != "timm" or "???" in str(teacher_cfg.get("model", "???")):
+        raise FDLightError(f"{path} carries no fdlight metadata, so its architecture is unknown; name it with "
+                           f"teacher=<config> (e.g. teacher=clip_vitb) or teacher=timm teacher.name=<timm model>")
+    kwargs = OmegaConf.to_container(teacher_cfg.kwargs or {}, resolve=True)
+    return Architecture(teacher_cfg.model.split(".")[0], kwargs, teacher_cfg.get("adapter"))
+
+
+def is_shared_bias_beit(arch: Architecture) -> bool:
+    return arch.timm_model.startswith("beit") and bool(arch.kwargs.get("use_shared_rel_pos_bias"))
+
+
+def downstream_kwargs(arch: Architecture, num_classes: int, drop_path: float, pool: str = "avg", **overrides) -> dict:
+    """Kwargs of the fine-tuning model: per-block bias instead of the shared one, mean pooling + fc_norm for ViTs."""
+    kw = dict(arch.kwargs)
+    if is_shared_bias_beit(arch):
+        kw.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True)
+    is_vit = "swin" not in arch.timm_model
+    if is_vit and pool:
+        kw["global_pool"] = pool
+    if arch.timm_model.startswith("beit"):
+        kw.setdefault("head_init_scale", 0.001)  # official head init: trunc normal 0.02, then x 0.001
+    kw.update(num_classes=num_classes, drop_path_rate=drop_path, **overrides)
+    return kw
+
+
+def remap_shared_bias(sd: dict, depth: int) -> dict:
+    """Copy the shared relative position bias table into each block (they train independently from then on)."""
+    if SHARED_TABLE not in sd:
+        return sd
+    sd = dict(sd)
+    table = sd.pop(SHARED_TABLE)
+    for i in range(depth):
+        sd[f"blocks.{i}.attn.relative_position_bias_table"] = table.clone()
+    return {k: v for k, v in sd.items() if not k.endswith("relative_position_index")}
+
+
+def build_from_pretrained(path: str | Path | None, num_classes: int, drop_path: float = 0.0,
+                          teacher_cfg: DictConfig | None = None, arch: Architecture | None = None,
+                          pool: str = "avg", **overrides) -> tuple[nn.Module, Architecture]:
+    """A timm model for a downstream task, initialised from `path` (None: random init of `arch`)."""
+    import timm
+
+    arch = arch or architecture_of(path, teacher_cfg)
+    model = timm.create_model(arch.timm_model, pretrained=False,
+                              **downstream_kwargs(arch, num_classes, drop_path, pool, **overrides))
+    if path is None:
+        return model, arch
+    sd = ADAPTERS[arch.adapter](read_state_dict(path))
+    sd = remap_shared_bias(sd, len(getattr(model, "blocks", [])))
+    fresh = classifier_prefixes(model)
+    if isinstance(getattr(model, "norm", None), nn.Identity):
+        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}  # the distilled final norm is discarded
+    if getattr(model, "fc_norm", None) is not None and not isinstance(model.fc_norm, nn.Identity):
+        fresh += ("fc_norm.",)
+    load_timm_state_dict(model, sd, path, f"{arch.timm_model}", allow_missing=fresh, allow_unexpected=fresh)
+    return model, arch
+
+
+@torch.no_grad()
+def bias_tables(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if n.endswith("relative_position_bias_table")}

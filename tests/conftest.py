@@ -1,0 +1,44 @@
+"""Shared fixtures: offline hubs, a Hydra compose of the real config tree, and stage runs in temporary folders."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ.setdefault("WANDB_SILENT", "true")
+
+TINY = ["trainer=cpu", "logger=csv"]
+
+
+def compose(overrides=()):
+    """The config `python -m fdlight <overrides>` would run, composed from the packaged config tree."""
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    with initialize_config_module(config_module="fdlight.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def run_stage(overrides, run_dir: Path) -> dict:
+    """Run a stage in-process on the composed config, writing into run_dir."""
+    from fdlight.stages import run
+
+    return run(compose([*TINY, *overrides]), run_dir)
+
+
+def run_cli(args, cwd: Path, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    """`python -m fdlight ARGS` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "fdlight", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture(autouse=True)
+def _wandb_dirs(tmp_path_factory, monkeypatch):
+    base = tmp_path_factory.getbasetemp() / "wandb"
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(base))
