@@ -63,24 +63,37 @@ def adapt_esvit(sd: dict) -> dict[str, torch.Tensor]:
 ADAPTERS: dict[str | None, Callable[[dict], dict]] = {None: unwrap, "esvit": adapt_esvit}
 
 
-def summarize_load_error(err: Exception, path, what: str) -> FDLightError:
-    """Turn a long load_state_dict error into one line with the first mismatched keys."""
-    text = str(err)
+def mismatch_error(path, what: str, missing=(), unexpected=(), shapes=()) -> FDLightError:
+    """One line naming the first mismatched keys of a weights file."""
+    def few(keys):
+        keys = list(keys)
+        return f"{', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
     parts = []
-    for label, pat in (("missing", r"Missing key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n|\n|$)"),
-                       ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n|\n|$)")):
-        m = re.search(pat, text, flags=re.S)
-        if m:
-            keys = re.findall(r'"([^"]+)"', m.group(1))
-            parts.append(f"{label} keys ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
-    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape (torch.Size\(\[[^\]]*\]\))"
-                       r" from checkpoint, the shape in current model is (torch.Size\(\[[^\]]*\]\))", text)
-    if sizes:
-        k, a, b = sizes[0]
-        parts.append(f"{len(sizes)} shape mismatches, e.g. {k}: file {a[11:-1]} vs model {b[11:-1]}")
-    detail = "; ".join(parts) or text.splitlines()[0][:300]
-    return FDLightError(f"weights file {path} does not fit {what}: {detail} (pass weights saved for this "
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {few(unexpected)}")
+    if shapes:
+        k, a, b = shapes[0]
+        parts.append(f"{len(shapes)} shape mismatches, e.g. {k}: file {list(a)} vs model {list(b)}")
+    return FDLightError(f"weights file {path} does not fit {what}: {'; '.join(parts)} (pass weights saved for this "
                         f"architecture, or choose the matching config)")
+
+
+def summarize_load_error(err: Exception, path, what: str) -> FDLightError:
+    """Turn a long load_state_dict error (e.g. open_clip's strict load) into one line with the first keys."""
+    text = str(err)
+    found = {}
+    for label, pat in (("missing", r"Missing key\(s\) in state_dict: ([^\n]*)"),
+                       ("unexpected", r"Unexpected key\(s\) in state_dict: ([^\n]*)")):
+        m = re.search(pat, text)
+        found[label] = re.findall(r'"([^"]+)"', m.group(1)) if m else []
+    shapes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch.Size\((\[[^\]]*\])\) from "
+                        r"checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", text)
+    shapes = [(k, json.loads(a), json.loads(b)) for k, a, b in shapes]
+    if not (found["missing"] or found["unexpected"] or shapes):
+        return FDLightError(f"weights file {path} does not fit {what}: {text.splitlines()[0][:300]}")
+    return mismatch_error(path, what, found["missing"], found["unexpected"], shapes)
 
 
 def timm_filter_fn(model: torch.nn.Module) -> Callable:
@@ -103,21 +116,16 @@ def load_timm_state_dict(model: torch.nn.Module, sd: dict, path, what: str, allo
     except Exception as e:  # noqa: BLE001 - a converter choking on foreign keys is a mismatch too
         raise FDLightError(f"weights file {path} does not fit {what}: its keys cannot be converted "
                            f"({type(e).__name__}: {e}); pass weights saved for this architecture") from e
-    sd = {k: v for k, v in sd.items() if not (allow_unexpected and k.startswith(tuple(allow_unexpected)))}
-    try:
-        result = model.load_state_dict(sd, strict=False)
-    except RuntimeError as e:
-        raise summarize_load_error(e, path, what) from e
-    missing = [k for k in result.missing_keys if not (allow_missing and k.startswith(tuple(allow_missing)))]
-    if missing or result.unexpected_keys:
-        lines = []
-        if missing:
-            lines.append("Missing key(s) in state_dict: " + ", ".join(f'"{k}"' for k in missing) + ".")
-        if result.unexpected_keys:
-            lines.append("Unexpected key(s) in state_dict: " + ", ".join(f'"{k}"' for k in result.unexpected_keys)
-                         + ".")
-        raise summarize_load_error(RuntimeError("\n".join(lines)), path, what)
-    return result
+    allowed_missing, allowed_unexpected = tuple(allow_missing), tuple(allow_unexpected)
+    sd = {k: v for k, v in sd.items() if not (allowed_unexpected and k.startswith(allowed_unexpected))}
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd and not (allowed_missing and k.startswith(allowed_missing))
+               and not k.endswith(("relative_position_index", "attn_mask"))]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if missing or unexpected or shapes:
+        raise mismatch_error(path, what, missing, unexpected, shapes)
+    return model.load_state_dict(sd, strict=False)
 
 
 def network_available(host: str = "huggingface.co", port: int = 443, timeout: float = 2.0) -> bool:

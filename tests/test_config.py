@@ -1,0 +1,49 @@
+"""Every config group composes into a fully resolved config."""
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import compose
+
+GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger")
+NEEDS = {  # choices that need a value from the user to be complete
+    ("teacher", "timm"): ["teacher.name=vit_small_patch16_224"],
+    ("teacher", "open_clip"): ["teacher.name=ViT-B-16"],
+    ("data", "imagenet"): ["data.root=/data/imagenet"],
+    ("data", "ade20k"): ["data.root=/data/ade"],
+    ("data", "coco"): ["data.root=/data/coco"],
+}
+
+
+def choices(group):
+    folder = resources.files("fdlight.conf").joinpath(group)
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+@pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
+def test_every_group_choice_composes_and_resolves(group, choice):
+    cfg = compose([f"{group}={choice}", *NEEDS.get((group, choice), [])])
+    resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert resolved[group] if group != "stage" else resolved["stage"] == choice
+
+
+def test_default_is_the_embedded_distillation():
+    cfg = compose([])
+    assert (cfg.stage, cfg.teacher.name, cfg.student.name, cfg.data.name) == ("distill", "tiny", "tiny", "synthetic")
+    assert cfg.whitening.name == "fd_ln" and cfg.drop_path.teacher == 0.0 and cfg.distill.loss_beta == 2.0
+
+
+def test_teacher_declares_its_geometry_and_statistics():
+    for name in ("clip_vitb", "clip_vitl", "dino_vitb", "deit_vitb", "mae_vitb", "esvit_swinb", "tiny"):
+        t = compose([f"teacher={name}"]).teacher
+        assert t.img_size and t.patch_size and t.dim and len(t.mean) == 3 and len(t.std) == 3, name
+    assert compose(["teacher=clip_vitl"]).teacher.patch_size == 14
+    assert compose(["teacher=clip_vitb"]).teacher.mean[0] == pytest.approx(0.48145466)
+
+
+def test_command_line_value_beats_group_file():
+    cfg = compose(["drop_path=symmetric", "drop_path.student=0.3"])
+    assert cfg.drop_path.teacher == 0.3  # the symmetric ablation follows the student's rate

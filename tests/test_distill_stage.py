@@ -1,0 +1,142 @@
+"""The distillation stage end to end: artifacts, frozen teacher, plain-timm export, sweeps, resume after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from conftest import TINY, compose, run_cli, run_stage
+from fdlight.models.weights import read_export_metadata
+from fdlight.stages.common import build_trainer
+from fdlight.stages.distill import build_distillation
+from fdlight.data.classification import ClassificationData
+from fdlight.data.transforms import fd_train_transform
+
+SMALL = ["data.num_train=128", "distill.batch_size=16", "distill.epochs=3"]
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("distill")
+    metrics = run_stage(SMALL, run_dir)
+    return run_dir, metrics
+
+
+def test_run_writes_its_artifacts_and_the_loss_falls(distilled):
+    run_dir, metrics = distilled
+    for name in ("checkpoints/last.ckpt", "student.safetensors", "metrics.json", "config.yaml"):
+        assert (run_dir / name).is_file(), name
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    assert saved["steps"] == 3 * (128 // 16) == metrics["steps"]
+    assert saved["last_loss"] < saved["first_loss"]
+    assert saved["img_per_s"] > 0
+    assert list((run_dir / "logs").glob("version_*/metrics.csv"))
+
+
+def test_checkpoint_holds_student_and_projector_only(distilled):
+    run_dir, _ = distilled
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    prefixes = {k.split(".")[0] for k in ckpt["state_dict"]}
+    assert prefixes == {"student", "projector"}
+    n_state = sum(v.numel() for k, v in ckpt["state_dict"].items() if "relative_position_index" not in k)
+    n_opt = sum(s["exp_avg"].numel() for s in ckpt["optimizer_states"][0]["state"].values())
+    assert n_opt == n_state  # every trainable tensor is the student's or the projector's
+
+
+def test_exported_student_loads_in_plain_timm_and_gives_the_same_output(distilled):
+    run_dir, _ = distilled
+    path = run_dir / "student.safetensors"
+    meta = read_export_metadata(path)
+    model = timm.create_model(meta["timm_model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              **meta["timm_kwargs"]).eval()
+    ckpt = torch.load(run_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    module = build_distillation(compose(["trainer=cpu"]))
+    module.load_state_dict(ckpt["state_dict"], strict=False)
+    module.student.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model.forward_features(x), module.student.forward_features(x), atol=1e-6)
+    assert meta["teacher"] == "tiny" and meta["timm_kwargs"]["use_shared_rel_pos_bias"] is True
+
+
+class TeacherWatch(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        t = module.teacher
+        self.seen.append((t.training, any(p.requires_grad or p.grad is not None for p in t.parameters())))
+
+
+def test_teacher_stays_frozen_in_eval_and_outside_the_optimizer(tmp_path):
+    cfg = compose([*TINY, *SMALL, "distill.max_steps=3"])
+    module = build_distillation(cfg)
+    data = ClassificationData(cfg.data, 16, fd_train_transform(32))
+    watch = TeacherWatch()
+    before = [p.clone() for p in module.teacher.parameters()]
+    trainer = build_trainer(cfg, cfg.distill, tmp_path, callbacks=[watch])
+    trainer.fit(module, datamodule=data)
+    assert watch.seen and all(s == (False, False) for s in watch.seen)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.teacher.parameters()))
+    opt_params = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+    assert not opt_params & {id(p) for p in module.teacher.parameters()}
+    assert "teacher" not in dict(module.named_children())
+
+
+def test_shared_bias_table_is_decayed_like_the_official_code():
+    module = build_distillation(compose(["trainer=cpu"]))
+    from fdlight.optim import param_groups
+    groups = param_groups([("student." + n, p) for n, p in module.student.named_parameters()], 0.05,
+                          module.no_decay_keywords)
+    decay_of = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    assert decay_of["student.rel_pos_bias.relative_position_bias_table"] == 0.05
+    assert decay_of["student.cls_token"] == 0.0 and decay_of["student.blocks.0.attn.q_bias"] == 0.0
+    assert decay_of["student.blocks.0.gamma_1"] == 0.0 and decay_of["student.blocks.0.attn.qkv.weight"] == 0.05
+
+
+def test_drop_path_sweep_runs_one_job_per_value(tmp_path):
+    sweep = tmp_path / "sweep"
+    res = run_cli(["-m", "drop_path.student=0.1,0.2", "distill.max_steps=2", *TINY, "data.num_train=64",
+                   "distill.batch_size=16", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rates = []
+    for job in ("0", "1"):
+        cfg_text = (sweep / job / "config.yaml").read_text()
+        rates.append(next(line for line in cfg_text.splitlines() if line.strip().startswith("student: 0.")))
+        assert json.loads((sweep / job / "metrics.json").read_text())["steps"] == 2
+        assert (sweep / job / "student.safetensors").is_file()
+    assert [r.split(":")[1].strip() for r in rates] == ["0.1", "0.2"]
+
+
+def test_a_killed_run_resumes_at_its_step_count(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "data.num_train=64", "distill.batch_size=8", "distill.epochs=40",
+            "distill.checkpoint_every_n_steps=5", f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "fdlight", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if last.is_file() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= 10:
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    assert 10 <= killed_at < 320 and not (run_dir / "metrics.json").exists()
+    res = run_cli([*args, "resume=true"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 40 * 8
+    resumed_log = sorted((run_dir / "logs").glob("version_*/metrics.csv"))[-1].read_text().splitlines()
+    first_step = int(resumed_log[1].split(",")[resumed_log[0].split(",").index("step")])
+    assert first_step >= killed_at  # continued, not restarted

@@ -1,0 +1,68 @@
+"""The students have the FD shape: shared relative position bias, no absolute position embedding, layer scale 0.1."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import compose
+from fdlight.errors import FDLightError
+from fdlight.models.students import block_classes, build_student, student_layout
+
+
+def test_vit_b16_student_has_the_fd_shape():
+    cfg = compose(["student=vit_b16"]).student
+    s = build_student(cfg, drop_path=0.2)
+    table = s.rel_pos_bias.relative_position_bias_table
+    assert tuple(table.shape) == ((2 * 14 - 1) ** 2 + 3, 12)
+    assert torch.count_nonzero(table) == 0
+    assert s.pos_embed is None
+    assert all(b.attn.relative_position_bias_table is None for b in s.blocks)  # one table, shared
+    assert all(torch.all(b.gamma_1 == 0.1) and torch.all(b.gamma_2 == 0.1) for b in s.blocks)
+    assert s.blocks[-1].drop_path1.drop_prob == pytest.approx(0.2) and s.num_classes == 0
+    assert student_layout(cfg, s).num_tokens == 197
+    out = s.forward_features(torch.randn(1, 3, 224, 224))
+    assert out.shape == (1, 197, 768)
+
+
+def test_fd_init_truncates_at_one_sigma_and_rescales_by_depth():
+    s = build_student(compose(["student=vit_b16"]).student)
+    w = s.blocks[0].mlp.fc1.weight
+    assert w.abs().max() <= 0.02 + 1e-7
+    assert abs(w.std().item() - 0.0108) < 0.001  # std of N(0, 0.02) cut at +-1 sigma is ~0.54 * 0.02
+    fc2 = [b.mlp.fc2.weight.abs().max().item() for b in s.blocks]
+    assert fc2[0] <= 0.02 / math.sqrt(2) + 1e-7 and fc2[11] <= 0.02 / math.sqrt(24) + 1e-7
+
+
+def test_vit_l14_student_makes_a_16x16_grid():
+    cfg = compose(["student=vit_l14"]).student
+    with torch.device("meta"):
+        s = build_student(cfg)
+    assert student_layout(cfg, s).grid == 16
+    assert tuple(s.rel_pos_bias.relative_position_bias_table.shape) == (31 ** 2 + 3, 16)
+
+
+def test_swinv2_b_student_ends_on_7x7_tokens():
+    cfg = compose(["student=swinv2_b"]).student
+    s = build_student(cfg)
+    layout = student_layout(cfg, s)
+    assert (layout.grid, layout.prefix_tokens, layout.dim) == (7, 0, 1024)
+    assert s.layers[0].blocks[0].window_size == (14, 14)
+    assert 86e6 < sum(p.numel() for p in s.parameters()) < 89e6
+
+
+def test_swinv2_g_student_has_the_3b_shape_on_meta():
+    cfg = compose(["student=swinv2_g"]).student
+    with torch.device("meta"):
+        s = build_student(cfg)
+    n = sum(p.numel() for p in s.parameters())
+    assert 2.5e9 < n < 3.5e9
+    assert student_layout(cfg, s).dim == 4096
+    assert any(isinstance(m, tuple(block_classes(cfg))) for m in s.modules())
+
+
+@pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
+def test_drop_path_outside_unit_interval_is_refused(rate):
+    with pytest.raises(FDLightError, match=rf"drop_path.student={rate} is outside \[0, 1\)"):
+        build_student(compose(["student=tiny"]).student, drop_path=rate)
