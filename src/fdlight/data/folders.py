@@ -37,15 +37,19 @@ class SafeImageFolder(ImageFolder):
         except FileNotFoundError as e:
             raise FDLightError(f"{root} holds no images ({e}); put .jpg/.png files in its class folders") from e
         self.strict = strict
-        self._skipped = multiprocessing.Value("i", 0)
+        self._bad = multiprocessing.Array("b", len(self.samples), lock=False)  # shared with loader workers
 
     @property
     def skipped(self) -> int:
-        return self._skipped.value
+        """Distinct unreadable files met so far."""
+        return sum(self._bad)
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
+            i = (index + attempt) % len(self.samples)
+            if self._bad[i]:
+                continue
+            path, target = self.samples[i]
             try:
                 with open(path, "rb") as f:
                     img = Image.open(f).convert("RGB")
@@ -53,8 +57,7 @@ class SafeImageFolder(ImageFolder):
                 if self.strict:
                     raise FDLightError(f"unreadable image {path} ({type(e).__name__}); remove it or set "
                                        f"data.strict=false to skip such files") from e
-                with self._skipped.get_lock():
-                    self._skipped.value += 1
+                self._bad[i] = 1
                 log.warning("skipping unreadable image %s (%s)", path, type(e).__name__)
                 continue
             return (self.transform(img) if self.transform else img), target

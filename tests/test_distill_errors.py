@@ -1,0 +1,115 @@
+"""Bad input gets one clear line, a non-zero exit, and loses nothing."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, compose, run_cli, run_stage
+from fdlight.errors import FDLightError
+from fdlight.stages.distill import build_distillation
+
+FAST = [*TINY, "data.num_train=64", "distill.batch_size=16", "distill.max_steps=2"]
+FOLDER = [*TINY, "distill.batch_size=16", "distill.max_steps=2", "data=imagenet"]
+
+
+def error_line(res) -> str:
+    lines = [l for l in res.stderr.splitlines() if l.startswith("fdlight: error:")]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    return lines[0]
+
+
+def write_imagefolder(root: Path, classes=("cat", "dog"), per_class=10, corrupt=0):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / "train" / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(root / "train" / c / f"{c}_{i}.JPEG", format="JPEG")
+    for i in range(corrupt):
+        (root / "train" / classes[0] / f"broken_{i}.JPEG").write_bytes(b"not a jpeg at all")
+
+
+def test_unknown_teacher_lists_the_choices(tmp_path):
+    line = error_line(run_cli(["teacher=clip_vitz"], cwd=tmp_path))
+    assert "unknown teacher 'clip_vitz'" in line and "clip_vitb" in line and "esvit_swinb" in line
+
+
+def test_unknown_student_lists_the_choices(tmp_path):
+    line = error_line(run_cli(["student=vit_h"], cwd=tmp_path))
+    assert "unknown student 'vit_h'" in line and "swinv2_g" in line
+
+
+def test_drop_path_outside_range_is_refused(tmp_path):
+    line = error_line(run_cli([*FAST, "drop_path.student=1.2", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
+    assert "drop_path.student=1.2 is outside [0, 1)" in line
+
+
+def test_token_grid_mismatch_names_both_grids_and_the_fix():
+    with pytest.raises(FDLightError) as err:
+        build_distillation(compose(["student.img_size=64"]))
+    msg = str(err.value)
+    assert "student 8x8 + 1 prefix tokens (64 px / 8)" in msg and "teacher 4x4 + 1 prefix tokens (32 px / 8)" in msg
+    assert "student.img_size=32" in msg
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_cli([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
+              and p.suffix != ".log"}
+    line = error_line(run_cli([*FAST, "drop_path.student=0.3", f"hydra.run.dir={run_dir}"], cwd=tmp_path))
+    assert "already holds a run" in line and "resume=true" in line
+    assert digest == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digest}
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path):
+    line = error_line(run_cli([*FAST, "resume=true", f"hydra.run.dir={tmp_path / 'new'}"], cwd=tmp_path))
+    assert "no checkpoint at" in line
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli([*TINY, "data.num_train=64", "distill.batch_size=16", "distill.epochs=20", "distill.base_lr=1e35",
+                   "distill.warmup_epochs=0", "distill.clip_grad=0", "distill.checkpoint_every_n_steps=1",
+                   f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    line = error_line(res)
+    assert "non-finite FD loss" in line and "last good checkpoint is kept" in line
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert ckpt["global_step"] == step  # saved after the last finite step, before the bad one
+    assert not (run_dir / "student.safetensors").exists()
+
+
+def test_missing_data_root_names_it(tmp_path):
+    line = error_line(run_cli([*FOLDER, f"data.root={tmp_path / 'nowhere'}",
+                               f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
+    assert "nowhere does not exist" in line
+
+
+def test_empty_data_root_says_how_to_arrange_it(tmp_path):
+    (tmp_path / "imagenet" / "train").mkdir(parents=True)
+    line = error_line(run_cli([*FOLDER, f"data.root={tmp_path / 'imagenet'}",
+                               f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
+    assert "has no class folders" in line and "train/<class>/<image>" in line
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    write_imagefolder(tmp_path / "imagenet", per_class=24, corrupt=3)
+    metrics = run_stage(["data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=0",
+                         "distill.batch_size=17", "distill.epochs=1"], tmp_path / "run")
+    assert metrics["steps"] == (48 + 3) // 17
+    assert metrics["skipped_images"] == 3
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_images"] == 3
+
+
+def test_unreadable_image_is_an_error_when_strict(tmp_path):
+    write_imagefolder(tmp_path / "imagenet", per_class=4, corrupt=1)
+    with pytest.raises(FDLightError, match=r"unreadable image .*broken_0.JPEG"):
+        run_stage(["data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.strict=true", "data.num_workers=0",
+                   "distill.batch_size=9", "distill.epochs=1"], tmp_path / "run")
