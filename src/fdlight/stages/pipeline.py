@@ -1,0 +1,145 @@
+"""stage=pipeline: the whole method in one process, each step a stage run in its own subfolder.
+
+1. teacher: train the teacher config's architecture from scratch with labels (the DeiT-like case), or take
+   teacher=<config> as it is (`pipeline.train_teacher=false`);
+2. distill: FD from that teacher into a fresh student;
+3. finetune_teacher / finetune_student: the same fine-tuning recipe and budget for both (and, optionally, for the
+   student architecture from random weights);
+4. results.md and metrics.json: top-1 of each fine-tuned model, the FD loss first -> last, the wall time of each step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fdlight.errors import check
+from fdlight.models.weights import atomic_write_text, read_export_metadata
+from fdlight.stages import run as run_stage
+from fdlight.stages.common import prepare_run_dir, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def sub_config(cfg: DictConfig, stage: str, updates: dict) -> DictConfig:
+    """A plain copy of the pipeline's config set to run one stage, with `updates` (dotted keys) merged in."""
+    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    sub.stage = stage
+    for key, value in updates.items():
+        OmegaConf.update(sub, key, value, merge=True)
+    return sub
+
+
+def trained_teacher_config(model_file: Path) -> DictConfig:
+    """teacher=timm pointed at step 1's model.safetensors: its timm name and kwargs, ImageNet statistics."""
+    meta = read_export_metadata(model_file)
+    kwargs = {k: v for k, v in meta["timm_kwargs"].items() if k != "num_classes"}  # the teacher drops its head
+    base = OmegaConf.load(str(resources.files("fdlight.conf").joinpath("teacher", "timm.yaml")))
+    return OmegaConf.merge(base, {"name": "trained_teacher", "model": meta["timm_model"], "weights": str(model_file),
+                                  "kwargs": kwargs, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
+
+
+def run_step(name: str, sub: DictConfig, run_dir: Path, resume: bool) -> dict:
+    """Run one step in run_dir/name; when resuming, a finished step is read back and an unfinished one continues."""
+    step_dir = run_dir / name
+    if resume and (step_dir / "metrics.json").is_file():
+        log.info("pipeline: %s already done, reusing %s", name, step_dir)
+        return json.loads((step_dir / "metrics.json").read_text())
+    sub.resume = bool(resume and (step_dir / "checkpoints" / "last.ckpt").is_file())
+    log.info("pipeline: %s (stage=%s) in %s", name, sub.stage, step_dir)
+    start = time.perf_counter()
+    metrics = run_stage(sub, step_dir)
+    metrics["step_wall_s"] = time.perf_counter() - start
+    (step_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return metrics
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    p = cfg.pipeline
+    if p.get("num_threads"):
+        torch.set_num_threads(int(p.num_threads))
+    resume = bool(cfg.get("resume"))
+    if not resume:
+        prepare_run_dir(cfg, run_dir)
+    steps: dict[str, dict] = {}
+    if p.train_teacher:
+        steps["teacher"] = run_step("1_teacher", sub_config(cfg, "finetune", {"finetune": dict(p.teacher)}),
+                                    run_dir, resume)
+        teacher_file = run_dir / "1_teacher" / "model.safetensors"
+        teacher_cfg = trained_teacher_config(teacher_file)
+    else:
+        teacher_file = Path(str(cfg.teacher.weights or "")).expanduser()
+        check(teacher_file.is_file(), f"pipeline.train_teacher=false fine-tunes the teacher's own weights, so "
+                                      f"teacher.weights must be a local file, not {cfg.teacher.weights!r}")
+        teacher_cfg = cfg.teacher
+    distill_cfg = sub_config(cfg, "distill", {})
+    distill_cfg.teacher = teacher_cfg
+    steps["distill"] = run_step("2_distill", distill_cfg, run_dir, resume)
+    runs = {"finetune_teacher": {"pretrained": str(teacher_file)},
+            "finetune_student": {"pretrained": str(run_dir / "2_distill" / "student.safetensors")}}
+    if p.scratch_baseline:
+        runs["finetune_scratch"] = {"pretrained": None, "scratch": "student"}
+    for i, (name, source) in enumerate(runs.items()):
+        sub = sub_config(cfg, "finetune", {"finetune": {**dict(p.finetune), **source}})
+        if not p.train_teacher and name == "finetune_teacher":
+            sub.teacher = teacher_cfg
+        steps[name] = run_step(f"3{'abc'[i]}_{name}", sub, run_dir, resume)
+    metrics = summarize(steps)
+    text = results_markdown(cfg, steps, metrics)
+    atomic_write_text(run_dir / "results.md", text)
+    write_metrics(run_dir, metrics)
+    print(text, flush=True)
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------------- results
+def summarize(steps: dict[str, dict]) -> dict:
+    out: dict = {"stage": "pipeline"}
+    for name, m in steps.items():
+        for key in ("val/top1", "val/top5", "img_per_s", "first_loss", "last_loss", "steps"):
+            if m.get(key) is not None:
+                out[f"{name}/{key}"] = m[key]
+        out[f"{name}/wall_s"] = m.get("step_wall_s", m.get("wall_s"))
+    out["fd/first_loss"], out["fd/last_loss"] = steps["distill"]["first_loss"], steps["distill"]["last_loss"]
+    out["delta_top1"] = out["finetune_student/val/top1"] - out["finetune_teacher/val/top1"]
+    out["total_wall_s"] = sum(v for k, v in out.items() if k.endswith("/wall_s") and v is not None)
+    return out
+
+
+def _pct(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict) -> str:
+    labels = {"teacher": "teacher trained from scratch with labels", "distill": "FD: teacher -> fresh student",
+              "finetune_teacher": "teacher fine-tuned", "finetune_student": "FD student fine-tuned",
+              "finetune_scratch": "student architecture fine-tuned from random weights"}
+    numbers = {"teacher": "1", "distill": "2", "finetune_teacher": "3a", "finetune_student": "3b",
+               "finetune_scratch": "3c"}
+    rows = ["| step | run | val top-1 | val top-5 | FD loss first -> last | img/s | wall (s) |",
+            "|---|---|---|---|---|---|---|"]
+    for name, m in steps.items():
+        loss = f"{m['first_loss']:.4f} -> {m['last_loss']:.4f}" if name == "distill" else "–"
+        top1 = None if name == "distill" else m.get("val/top1")
+        rows.append(f"| {numbers[name]} | {labels[name]} ({m.get('steps', '?')} steps) | {_pct(top1)} | "
+                    f"{_pct(m.get('val/top5'))} | {loss} | {m.get('img_per_s', float('nan')):.0f} | "
+                    f"{m.get('step_wall_s', m.get('wall_s', float('nan'))):.1f} |")
+    t, s = metrics["finetune_teacher/val/top1"], metrics["finetune_student/val/top1"]
+    n = int(cfg.data.get("num_val") or 0)
+    noise = f" (one seed, {n} validation images: about ±{200 * math.sqrt((t * (1 - t) + s * (1 - s)) / n):.1f} " \
+            f"points is sampling noise at 2 standard errors)" if n else " (one seed)"
+    return "\n".join([
+        "# fdlight pipeline results", "",
+        f"Data: {cfg.data.name}; student: {cfg.student.name}; "
+        f"fine-tuning: {cfg.finetune.epochs} epochs each, same recipe for every row.", "",
+        *rows, "",
+        f"FD student fine-tuned minus teacher fine-tuned: {100 * (s - t):+.1f} points top-1{noise}.",
+        f"Total wall time: {metrics['total_wall_s']:.0f} s.", "",
+    ])
