@@ -1,0 +1,305 @@
+"""Open anything the diagnostics can look at: a teacher config, an exported model, a distillation checkpoint or a run
+directory; the fixed evaluation subset; the training curves a run logged.
+
+Checkpoint specs (`diagnose.checkpoints=[...]`):
+  teacher            the composed config's teacher (teacher=<name> teacher.weights=<file> on the command line)
+  teacher:<name>     conf/teacher/<name>.yaml as it ships (e.g. teacher:tiny, teacher:clip_vitb)
+  <run directory>    its model.safetensors (fine-tuned), else student.safetensors (distilled), else checkpoints/last.ckpt
+  <file>.safetensors written by fdlight (timm name + kwargs in its metadata)
+  <file>.ckpt        a Lightning checkpoint of stage=distill (rebuilt from the run's config.yaml)
+  <file>.pt/.pth/.bin  a teacher's own weights, read with the architecture of the composed config's teacher
+A distilled student next to its run's config.yaml and checkpoints/last.ckpt also gets its teacher and projector back,
+so its FD loss can be evaluated.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
+from fdlight.diagnostics.attention import check_has_attention
+from fdlight.errors import FDLightError, check
+from fdlight.models.weights import read_export_metadata, read_state_dict, summarize_load_error
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("model.safetensors", "student.safetensors", "checkpoints/last.ckpt")
+FOREIGN_WEIGHTS = (".pt", ".pth", ".bin")
+
+
+@dataclass
+class DistillRun:
+    """What rebuilds a student's FD objective: the run's config and its projector weights."""
+    config: DictConfig
+    projector: dict[str, torch.Tensor]
+    student_from_ckpt: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class Subject:
+    """One model to diagnose, in eval mode, with what its inputs and its losses need."""
+    name: str
+    source: str
+    kind: str                      # teacher | distilled student | fine-tuned | model
+    model: nn.Module               # the timm model whose attention is read
+    img_size: int
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    num_classes: int = 0           # outputs of its classification head (0: headless)
+    run: DistillRun | None = None
+    info: dict = field(default_factory=dict)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalised images -> this model's own normalisation."""
+        if tuple(self.mean) == tuple(IMAGENET_MEAN) and tuple(self.std) == tuple(IMAGENET_STD):
+            return x
+        m_in = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        s_in = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        m = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        s = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        return (x * s_in + m_in - m) / s
+
+
+# ------------------------------------------------------------------------------------------------------- configs
+def teacher_config(name: str) -> DictConfig:
+    """conf/teacher/<name>.yaml, composed by Hydra (inside a running app too)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from fdlight.__main__ import group_choices
+
+    choices = group_choices("teacher")
+    check(name in choices, f"diagnose.checkpoints: unknown teacher config {name!r} in 'teacher:{name}'; choose one "
+                           f"of: {', '.join(choices)}")
+    overrides = [f"teacher={name}"]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides).teacher
+    with initialize_config_module(config_module="fdlight.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides).teacher
+
+
+def default_name(spec: str) -> str:
+    if spec == "teacher" or spec.startswith("teacher:"):
+        return spec
+    path = Path(spec)
+    if path.is_dir():
+        return path.name
+    if path.parent.name == "checkpoints":
+        return f"{path.parent.parent.name}/{path.name}"
+    return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
+
+
+# ------------------------------------------------------------------------------------------------------ loaders
+def load_subject(spec: str, cfg: DictConfig, name: str | None = None) -> Subject:
+    """Build the model a checkpoint spec names (see the module docstring); every failure is one FDLightError."""
+    spec = str(spec).strip()
+    name = name or default_name(spec)
+    if spec == "teacher" or spec.startswith("teacher:"):
+        tcfg = cfg.teacher if spec == "teacher" else teacher_config(spec.partition(":")[2])
+        subject = teacher_subject(tcfg, int(cfg.get("seed", 0)), name, spec)
+    else:
+        path = Path(spec).expanduser()
+        check(path.exists(), f"diagnose.checkpoints: {spec} does not exist; pass a run directory, a .safetensors or "
+                             f".ckpt file, or teacher:<config>")
+        if path.is_dir():
+            path = run_artifact(path)
+        if path.suffix == ".ckpt":
+            subject = ckpt_subject(path, name)
+        elif path.suffix == ".safetensors":
+            subject = exported_subject(path, name, cfg)
+        elif path.suffix in FOREIGN_WEIGHTS:
+            tcfg = OmegaConf.merge(cfg.teacher, {"weights": str(path)})
+            subject = teacher_subject(tcfg, int(cfg.get("seed", 0)), name, str(path))
+        else:
+            raise FDLightError(f"diagnose.checkpoints: {path} is not a checkpoint fdlight can read (expected a run "
+                               f"directory, .safetensors, .ckpt, .pt, .pth or .bin)")
+    check_has_attention(subject.model, f"checkpoint {subject.source}")
+    subject.model.eval()
+    return subject
+
+
+def run_artifact(run_dir: Path) -> Path:
+    for rel in RUN_FILES:
+        if (run_dir / rel).is_file():
+            return run_dir / rel
+    raise FDLightError(f"run directory {run_dir} holds none of {', '.join(RUN_FILES)}; pass the directory of a "
+                       f"distill or finetune run, or a checkpoint file")
+
+
+def teacher_subject(tcfg: DictConfig, seed: int, name: str, source: str) -> Subject:
+    from fdlight.models.teachers import build_teacher
+
+    teacher = build_teacher(tcfg, drop_path=0.0, seed=seed)
+    return Subject(name, source, "teacher", teacher.model, teacher.layout.img_size,
+                   tuple(teacher.mean.flatten().tolist()), tuple(teacher.std.flatten().tolist()),
+                   int(getattr(teacher.model, "num_classes", 0) or 0),
+                   info={"teacher": str(tcfg.name), "model": str(tcfg.model)})
+
+
+def _read_metadata(path: Path) -> dict:
+    try:
+        return read_export_metadata(path)
+    except Exception as e:  # noqa: BLE001 - not a safetensors file at all
+        raise FDLightError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
+                           f"(pass a .safetensors written by fdlight, a .ckpt, or a run directory)") from e
+
+
+def _img_size(model: nn.Module) -> int:
+    from fdlight.models.layout import timm_layout
+    return timm_layout(model).img_size
+
+
+def _load_strict(model: nn.Module, sd: dict, path: Path, what: str) -> None:
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise summarize_load_error(e, path, what) from e
+
+
+def exported_subject(path: Path, name: str, cfg: DictConfig) -> Subject:
+    import timm
+
+    meta = _read_metadata(path)
+    if "timm_model" not in meta:
+        raise FDLightError(f"{path} carries no fdlight metadata (timm name and kwargs); pass a file written by "
+                           f"fdlight, or a teacher's weights as .pt/.pth/.bin with teacher=<its config>")
+    kwargs = dict(meta["timm_kwargs"])
+    try:
+        model = timm.create_model(meta["timm_model"], pretrained=False, **kwargs)
+    except Exception as e:  # noqa: BLE001 - an unknown name or kwargs from another timm version
+        raise FDLightError(f"timm cannot build {meta['timm_model']!r} from the metadata of {path} "
+                           f"({type(e).__name__}: {e}); check the timm version") from e
+    _load_strict(model, read_state_dict(path), path, meta["timm_model"])
+    num_classes = int(getattr(model, "num_classes", 0) or 0)
+    stage = meta.get("stage")
+    run = distill_run(path.parent) if stage == "distill" else None
+    kind = "distilled student" if stage == "distill" else "fine-tuned" if num_classes else "model"
+    return Subject(name, str(path), kind, model, _img_size(model), num_classes=num_classes, run=run,
+                   info={"timm_model": meta["timm_model"], "stage": stage, "teacher": meta.get("teacher")})
+
+
+def _ckpt_state(path: Path) -> dict:
+    state = read_state_dict(path)
+    check(isinstance(state.get("state_dict"), dict), f"{path} is not a Lightning checkpoint (no state_dict); pass a "
+                                                     f".ckpt written by stage=distill, or an exported .safetensors")
+    return state["state_dict"]
+
+
+def distill_run(run_dir: Path, ckpt: Path | None = None) -> DistillRun | None:
+    """The run's config and projector, when the student sits in an intact distillation run directory."""
+    ckpt = ckpt or run_dir / "checkpoints" / "last.ckpt"
+    cfg_path = run_dir / "config.yaml"
+    if not (cfg_path.is_file() and ckpt.is_file()):
+        return None
+    rcfg = OmegaConf.load(cfg_path)
+    if rcfg.get("stage") != "distill" or "teacher" not in rcfg:
+        return None
+    sd = _ckpt_state(ckpt)
+    projector = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
+    student = {k.removeprefix("student."): v for k, v in sd.items() if k.startswith("student.")}
+    if not projector:
+        return None
+    return DistillRun(rcfg, projector, student or None)
+
+
+def ckpt_subject(path: Path, name: str) -> Subject:
+    from fdlight.models.students import build_student
+
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    sd = _ckpt_state(path)
+    if not any(k.startswith("student.") for k in sd):
+        raise FDLightError(f"{path} holds no student.* weights, so it is not a stage=distill checkpoint; pass the "
+                           f"run's model.safetensors (fine-tuned) or student.safetensors instead")
+    check((run_dir / "config.yaml").is_file(), f"{path} needs its run's config.yaml (expected at {run_dir}/config.yaml) "
+                                              f"to rebuild the student; pass the run's student.safetensors instead")
+    run = distill_run(run_dir, path)
+    check(run is not None, f"{run_dir}/config.yaml is not the config of a stage=distill run; pass the run's exported "
+                           f".safetensors instead")
+    student = build_student(run.config.student)
+    _load_strict(student, run.student_from_ckpt, path, f"student {run.config.student.name!r}")
+    return Subject(name, str(path), "distilled student", student, _img_size(student), run=run,
+                   info={"timm_model": str(run.config.student.model), "stage": "distill",
+                         "teacher": str(run.config.teacher.name)})
+
+
+def build_fd_module(subject: Subject):
+    """The FeatureDistillation module of a distilled student: its rebuilt teacher, its projector, its loss settings."""
+    from fdlight.models.students import student_layout
+    from fdlight.models.teachers import build_teacher
+    from fdlight.modules.distill import FeatureDistillation
+
+    rcfg = subject.run.config
+    teacher = build_teacher(rcfg.teacher, drop_path=0.0, seed=int(rcfg.get("seed", 0)))
+    d = rcfg.distill
+    module = FeatureDistillation(subject.model, student_layout(rcfg.student, subject.model), teacher, optim={},
+                                 whitening=rcfg.whitening.name, whitening_eps=rcfg.whitening.eps,
+                                 loss_beta=d.loss_beta, include_prefix_tokens=d.include_prefix_tokens,
+                                 teacher_resize=d.teacher_resize)
+    _load_strict(module.projector, subject.run.projector, subject.source, "the distillation projector")
+    return module
+
+
+# ------------------------------------------------------------------------------------------------ evaluation set
+def eval_dataset(data_cfg: DictConfig, img_size: int, num_images: int):
+    """A fixed subset of the data's validation split at `img_size` (eval transform): the first `num_images` synthetic
+    scenes, or `num_images` evenly spaced images of an ImageFolder's val/."""
+    from torch.utils.data import Subset
+
+    from fdlight.data.synthetic import SyntheticClassification
+
+    check(isinstance(num_images, int) and num_images > 0,
+          f"diagnose.num_images={num_images} gives an empty evaluation subset; pass a positive count such as "
+          f"diagnose.num_images=64")
+    tf = eval_transform(img_size)
+    if data_cfg.name == "synthetic":
+        return SyntheticClassification("val", num_images, data_cfg.raw_size, data_cfg.num_classes, data_cfg.seed, tf)
+    from fdlight.data.folders import SafeImageFolder, class_folder
+    full = SafeImageFolder(class_folder(data_cfg.root, "val"), tf, bool(data_cfg.get("strict", False)))
+    check(len(full) > 0, f"{data_cfg.root}/val holds no images, so the evaluation subset is empty; add images")
+    n = min(num_images, len(full))
+    idx = torch.linspace(0, len(full) - 1, n).round().long().unique().tolist()
+    subset = Subset(full, idx)
+    subset.classes = full.classes
+    return subset
+
+
+def eval_batches(data_cfg: DictConfig, img_size: int, num_images: int, batch_size: int
+                 ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """(image batches, label batches, number of classes) of the evaluation subset."""
+    from torch.utils.data import DataLoader
+
+    check(isinstance(batch_size, int) and batch_size > 0, f"diagnose.batch_size={batch_size} must be a positive "
+                                                          f"count; pass e.g. diagnose.batch_size=32")
+    ds = eval_dataset(data_cfg, img_size, num_images)
+    check(len(ds) > 0, f"the evaluation subset of data={data_cfg.name} is empty; raise diagnose.num_images")
+    xs, ys = [], []
+    for x, y in DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=0):
+        xs.append(x)
+        ys.append(torch.as_tensor(y))
+    return xs, ys, len(ds.classes)
+
+
+# -------------------------------------------------------------------------------------------------- loss curves
+def read_loss_curves(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every logged column of a run's CSV logs (logs/version_*/metrics.csv, resumed versions appended in order), as
+    {column: [(step, value), ...]}; {} when the run logged elsewhere."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        run_dir = run_dir.parent.parent if run_dir.parent.name == "checkpoints" else run_dir.parent
+    curves: dict[str, list[tuple[int, float]]] = {}
+    files = sorted(run_dir.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    for f in files:
+        with open(f, newline="") as fh:
+            for row in csv.DictReader(fh):
+                step = int(float(row.get("step") or 0))
+                for key, value in row.items():
+                    if key in ("step", "epoch") or value in ("", None):
+                        continue
+                    curves.setdefault(key, []).append((step, float(value)))
+    return curves

@@ -1,0 +1,326 @@
+"""stage=diagnose: attention statistics and loss landscapes of checkpoints -> diagnostics.json, attention maps, PNGs.
+
+For the demo and notebooks: `summarize(paths, cfg)` returns {name: summary} without writing anything;
+`diagnose_checkpoint(path, cfg)` returns one checkpoint's full Diagnosis; `read_summary(run_dir)` reads a finished run.
+Summary keys: attn_distance_spread (mean over layers of the std of head distances, px), attn_distance_mean (px),
+head_kl_mean, diagonality_mean, landscape_loss (ce | fd | probe | None), loss_at_origin, sharpness (mean loss increase
+at alpha = +-span along a filter-normalised direction), sharpness_rel (/ loss_at_origin), hessian_max_eigenvalue.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from fdlight.diagnostics.attention import attention_statistics, summarize_layers
+from fdlight.diagnostics.landscape import (ClassificationLoss, DistillationLoss, ProbeLoss, grid_coordinates,
+                                           loss_landscape, top_hessian_eigenvalue)
+from fdlight.diagnostics.loading import Subject, build_fd_module, default_name, eval_batches, load_subject
+from fdlight.errors import FDLightError, check
+from fdlight.models.weights import atomic_write_text
+
+log = logging.getLogger(__name__)
+LOSSES = ("auto", "ce", "fd", "probe", "none")
+SMALL_MODEL = 5_000_000  # parameters
+
+
+@dataclass
+class Diagnosis:
+    name: str
+    data: dict                                              # JSON-ready numbers
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (H, P, P) averaged attention
+
+    @property
+    def summary(self) -> dict:
+        return self.data["summary"]
+
+
+# -------------------------------------------------------------------------------------------------------- config
+def config(overrides=()) -> DictConfig:
+    """The config `python -m fdlight stage=diagnose <overrides>` runs (for notebooks and the demo)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = ["stage=diagnose", *overrides]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="config", overrides=overrides)
+    with initialize_config_module(config_module="fdlight.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def settings(cfg: DictConfig) -> DictConfig:
+    """cfg.diagnose, or the shipped defaults when the config comes from another stage."""
+    if cfg.get("diagnose") is not None:
+        return cfg.diagnose
+    text = resources.files("fdlight.conf").joinpath("stage/diagnose.yaml").read_text()
+    return OmegaConf.create(text).diagnose
+
+
+def check_settings(d: DictConfig) -> None:
+    """Every bad setting fails here, before any model is built."""
+    check(isinstance(d.checkpoints, (list, ListConfig)) and len(d.checkpoints) > 0,
+          f"diagnose.checkpoints={d.checkpoints} must be a non-empty list; pass e.g. "
+          f"diagnose.checkpoints=[teacher:tiny,runs/distill/<run>]")
+    if d.get("names") is not None:
+        check(len(d.names) == len(d.checkpoints), f"diagnose.names has {len(d.names)} entries for "
+                                                  f"{len(d.checkpoints)} checkpoints; give one name per checkpoint")
+    check(isinstance(d.num_images, int) and d.num_images > 0,
+          f"diagnose.num_images={d.num_images} gives an empty evaluation subset; pass a positive count such as "
+          f"diagnose.num_images=64")
+    check(isinstance(d.batch_size, int) and d.batch_size > 0,
+          f"diagnose.batch_size={d.batch_size} must be a positive count; pass e.g. diagnose.batch_size=32")
+    ls = d.landscape
+    check(ls.loss in LOSSES, f"diagnose.landscape.loss={ls.loss} is unknown; choose one of: {', '.join(LOSSES)}")
+    grid_coordinates(ls.steps, ls.span)
+    check(ls.num_images is None or (isinstance(ls.num_images, int) and ls.num_images > 0),
+          f"diagnose.landscape.num_images={ls.num_images} gives an empty subset; pass a positive count or null")
+    check(isinstance(d.hessian_iters, int) and d.hessian_iters > 0,
+          f"diagnose.hessian_iters={d.hessian_iters} must be a positive count")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check(name != "cuda" or torch.cuda.is_available(), "diagnose.device=cuda but no GPU is visible; pass "
+                                                       "diagnose.device=cpu or auto")
+    return torch.device(name)
+
+
+@contextmanager
+def cpu_threads(setting, model: torch.nn.Module, device: torch.device):
+    """Tiny models on a CPU run faster on one thread: per-op threading overhead dominates (badly so on a busy CPU)."""
+    n = setting
+    if setting == "auto":
+        small = sum(p.numel() for p in model.parameters()) < SMALL_MODEL
+        n = 1 if device.type == "cpu" and small else None
+    before = torch.get_num_threads()
+    try:
+        if n:
+            torch.set_num_threads(int(n))
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def names_of(d: DictConfig) -> list[str]:
+    names = list(d.names) if d.get("names") is not None else [default_name(str(s)) for s in d.checkpoints]
+    seen: dict[str, int] = {}
+    unique = []
+    for n in names:  # two runs with the same folder name stay apart
+        seen[n] = seen.get(n, 0) + 1
+        unique.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
+    return unique
+
+
+# -------------------------------------------------------------------------------------------------- objectives
+def _take(batches: list, limit: int | None) -> list:
+    if limit is None:
+        return batches
+    out, n = [], 0
+    for b in batches:
+        x = b[0] if isinstance(b, tuple) else b
+        if n >= limit:
+            break
+        keep = min(len(x), limit - n)
+        out.append(tuple(t[:keep] for t in b) if isinstance(b, tuple) else b[:keep])
+        n += keep
+    return out
+
+
+def build_objective(subject: Subject, mode: str, xs, ys, num_classes: int, device, limit=None, probe_l2=1e-3):
+    """(objective or None, loss name or None, note) of the landscape for one subject."""
+    if mode == "none":
+        return None, None, "landscape off (diagnose.landscape.loss=none)"
+    if mode == "auto":
+        mode = "ce" if subject.num_classes else "fd" if subject.run is not None else "probe"
+        if mode == "fd":
+            try:
+                return _fd_objective(subject, xs, device, limit), "fd", ""
+            except FDLightError as e:
+                log.warning("%s: FD loss unavailable (%s); using a linear probe instead", subject.name, e)
+                mode, note = "probe", f"FD loss unavailable: {e}"
+                return _probe_objective(subject, xs, ys, num_classes, device, limit, probe_l2), "probe", note
+    if mode == "ce":
+        check(subject.num_classes > 0, f"{subject.source} has no classification head, so diagnose.landscape.loss=ce "
+                                       f"cannot apply; use loss=probe (or auto)")
+        check(subject.num_classes == num_classes,
+              f"{subject.source} has a {subject.num_classes}-way head but the evaluation data has {num_classes} "
+              f"classes; pass the data= it was fine-tuned on, or diagnose.landscape.loss=probe")
+        batches = [(subject.prepare(x.to(device)), y.to(device)) for x, y in _take(list(zip(xs, ys)), limit)]
+        return ClassificationLoss(subject.model, batches), "ce", ""
+    if mode == "fd":
+        check(subject.run is not None, f"{subject.source} is not a distilled student inside its run directory "
+                                       f"(config.yaml and checkpoints/last.ckpt beside it), so its FD loss is "
+                                       f"unknown; use diagnose.landscape.loss=probe")
+        return _fd_objective(subject, xs, device, limit), "fd", ""
+    return _probe_objective(subject, xs, ys, num_classes, device, limit, probe_l2), "probe", ""
+
+
+def _fd_objective(subject: Subject, xs, device, limit):
+    module = build_fd_module(subject).to(device)
+    module.place_teacher()
+    return DistillationLoss(module, [x.to(device) for x in _take(xs, limit)])
+
+
+def _probe_objective(subject: Subject, xs, ys, num_classes, device, limit, probe_l2=1e-3):
+    batches = [(subject.prepare(x.to(device)), y.to(device)) for x, y in _take(list(zip(xs, ys)), limit)]
+    return ProbeLoss(subject.model, batches, num_classes, l2=float(probe_l2))
+
+
+# ------------------------------------------------------------------------------------------------------ diagnose
+def diagnose_subject(subject: Subject, cfg: DictConfig, device: torch.device | None = None) -> Diagnosis:
+    d = settings(cfg)
+    device = device or resolve_device(d.device)
+    with cpu_threads(d.get("threads", "auto"), subject.model, device):
+        return _diagnose(subject, cfg, d, device)
+
+
+def _diagnose(subject: Subject, cfg: DictConfig, d: DictConfig, device: torch.device) -> Diagnosis:
+    start = time.perf_counter()
+    xs, ys, num_classes = eval_batches(cfg.data, subject.img_size, d.num_images, d.batch_size)
+    subject.model.to(device).eval()
+    images = [subject.prepare(x.to(device)) for x in xs]
+    layers = attention_statistics(subject.model, images, what=f"checkpoint {subject.source}")
+    attention = summarize_layers(layers, int(d.diagonality_k))
+    attn_s = time.perf_counter() - start
+
+    ls_cfg = d.landscape
+    objective, loss_name, note = build_objective(subject, ls_cfg.loss, xs, ys, num_classes, device,
+                                                 ls_cfg.num_images, ls_cfg.get("probe_l2", 1e-3))
+    landscape = hessian = None
+    if objective is not None:
+        landscape = loss_landscape(objective, int(ls_cfg.steps), float(ls_cfg.span), int(ls_cfg.seed),
+                                   bool(ls_cfg.two_d)).to_json()
+        if note:
+            landscape["note"] = note
+        if d.hessian:
+            eig = top_hessian_eigenvalue(objective, int(d.hessian_iters), float(d.hessian_tol), int(ls_cfg.seed))
+            hessian = {"max_eigenvalue": eig.value, "iterations": eig.iterations, "residual": eig.residual,
+                       "loss": loss_name}
+    subject.model.cpu()
+    summary = {
+        "kind": subject.kind,
+        "attn_distance_spread": attention["attn_distance_spread"],
+        "attn_distance_mean": sum(attention["distance_mean_px"]) / len(attention["distance_mean_px"]),
+        "head_kl_mean": sum(attention["kl_diversity"]) / len(attention["kl_diversity"]),
+        "diagonality_mean": sum(attention["diagonality_mean"]) / len(attention["diagonality_mean"]),
+        "landscape_loss": loss_name,
+        "loss_at_origin": landscape["origin"] if landscape else None,
+        "sharpness": landscape["sharpness"] if landscape else None,
+        "sharpness_rel": landscape["sharpness_rel"] if landscape else None,
+        "hessian_max_eigenvalue": hessian["max_eigenvalue"] if hessian else None,
+    }
+    data = {"source": subject.source, "kind": subject.kind, "img_size": subject.img_size,
+            "num_images": sum(len(x) for x in xs), "info": subject.info, "summary": summary,
+            "attention": attention, "landscape": landscape, "hessian": hessian,
+            "seconds": {"attention": attn_s, "total": time.perf_counter() - start}}
+    return Diagnosis(subject.name, data, {layer.name: layer.map for layer in layers})
+
+
+def diagnose_checkpoint(spec: str, cfg: DictConfig | None = None, name: str | None = None) -> Diagnosis:
+    """Everything about one checkpoint (a path or teacher:<name>), computed with cfg's settings (default config)."""
+    cfg = cfg if cfg is not None else config()
+    check_settings(settings(cfg))
+    return diagnose_subject(load_subject(spec, cfg, name), cfg)
+
+
+def summarize(paths, cfg: DictConfig | None = None, names=None) -> dict[str, dict]:
+    """{name: summary} of each checkpoint (see the module docstring for the keys); writes nothing."""
+    cfg = cfg if cfg is not None else config()
+    d = settings(cfg)
+    d = OmegaConf.merge(d, {"checkpoints": [str(p) for p in paths], "names": list(names) if names else None})
+    check_settings(d)
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg = OmegaConf.merge(cfg, {"diagnose": d})
+    subjects = [load_subject(str(p), cfg, n) for p, n in zip(d.checkpoints, names_of(d))]
+    return {s.name: diagnose_subject(s, cfg).summary for s in subjects}
+
+
+def read_summary(run_dir: str | Path) -> dict[str, dict]:
+    """{name: summary} from a finished diagnose run's diagnostics.json."""
+    path = Path(run_dir) / "diagnostics.json"
+    check(path.is_file(), f"{path} not found; run python -m fdlight stage=diagnose hydra.run.dir={run_dir} first")
+    return {n: r["summary"] for n, r in json.loads(path.read_text())["checkpoints"].items()}
+
+
+# ------------------------------------------------------------------------------------------------------- outputs
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "checkpoint"
+
+
+def write_plots(run_dir: Path, results: dict[str, Diagnosis], d: DictConfig) -> list[Path]:
+    from fdlight.diagnostics import plots
+
+    data = {n: r.data for n, r in results.items()}
+    figures = {"attention_distance": plots.distance_figure(data), "head_diversity": plots.diversity_figure(data),
+               "landscape": plots.landscape_figure(data)}
+    for n, r in results.items():
+        figures[f"attention_maps_{slug(n)}"] = plots.maps_figure(n, r.data, r.maps, int(d.maps.max_layers),
+                                                                 int(d.maps.max_heads))
+    paths = []
+    for stem, fig in figures.items():
+        if fig is not None:
+            fig.savefig(run_dir / f"{stem}.png", dpi=110)
+            paths.append(run_dir / f"{stem}.png")
+    return paths
+
+
+def write_outputs(run_dir: Path, results: dict[str, Diagnosis], cfg: DictConfig) -> list[Path]:
+    from safetensors.torch import save_file
+
+    d = settings(cfg)
+    doc = {"settings": OmegaConf.to_container(d, resolve=True), "data": str(cfg.data.name),
+           "maps_file": "attention_maps.safetensors", "checkpoints": {n: r.data for n, r in results.items()}}
+    atomic_write_text(run_dir / "diagnostics.json", json.dumps(doc, indent=1) + "\n")
+    save_file({f"{n}|{layer}": m.contiguous() for n, r in results.items() for layer, m in r.maps.items()},
+              str(run_dir / "attention_maps.safetensors"))
+    return write_plots(run_dir, results, d)
+
+
+def log_to_wandb(cfg: DictConfig, run_dir: Path, pngs: list[Path], summaries: dict[str, dict]) -> None:
+    from fdlight.stages.common import build_logger
+
+    logger = build_logger(cfg, run_dir)
+    for png in pngs:
+        logger.log_image(key=f"diagnose/{png.stem}", images=[str(png)])
+    scalars = {f"diagnose/{n}/{k}": float(v) for n, s in summaries.items() for k, v in s.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    logger.log_metrics(scalars)
+    logger.experiment.finish()
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    from fdlight.stages.common import prepare_run_dir, write_metrics
+
+    d = settings(cfg)
+    check_settings(d)
+    device = resolve_device(d.device)
+    start = time.perf_counter()
+    subjects = [load_subject(str(s), cfg, n) for s, n in zip(d.checkpoints, names_of(d))]  # bad input fails first
+    prepare_run_dir(cfg, run_dir)
+    results = {}
+    for s in subjects:
+        results[s.name] = r = diagnose_subject(s, cfg, device)
+        sm = r.summary
+        log.info("%s (%s): attention distance spread %.3f px, head KL %.4f, diagonality %.3f, %s sharpness %s",
+                 s.name, s.kind, sm["attn_distance_spread"], sm["head_kl_mean"], sm["diagonality_mean"],
+                 sm["landscape_loss"], "n/a" if sm["sharpness"] is None else f"{sm['sharpness']:.4g}")
+    pngs = write_outputs(run_dir, results, cfg)
+    summaries = {n: r.summary for n, r in results.items()}
+    if cfg.logger.name == "wandb":
+        log_to_wandb(cfg, run_dir, pngs, summaries)
+    metrics = {"stage": "diagnose", "checkpoints": summaries, "wall_s": time.perf_counter() - start,
+               "plots": [p.name for p in pngs]}
+    write_metrics(run_dir, metrics)
+    log.info("diagnostics of %d checkpoint(s) in %.1f s: %s", len(results), metrics["wall_s"],
+             run_dir / "diagnostics.json")
+    return metrics
