@@ -40,7 +40,7 @@ def architecture_of(path: str | Path, teacher_cfg: DictConfig | None = None) -> 
     if teacher_cfg is None or teacher_cfg.builder != "timm" or "???" in str(teacher_cfg.get("model", "???")):
         raise FDLightError(f"{path} carries no fdlight metadata, so its architecture is unknown; name it with "
                            f"teacher=<config> (e.g. teacher=clip_vitb) or teacher=timm teacher.name=<timm model>")
-    kwargs = OmegaConf.to_container(teacher_cfg.kwargs or {}, resolve=True)
+    kwargs = (OmegaConf.to_container(teacher_cfg.kwargs, resolve=True) if teacher_cfg.kwargs else {})
     return Architecture(teacher_cfg.model.split(".")[0], kwargs, teacher_cfg.get("adapter"))
 
 

@@ -77,7 +77,7 @@ def build_timm_teacher(cfg: DictConfig, drop_path: float = 0.0) -> nn.Module:
     base = cfg.model.split(".")[0]
     check(base in timm.list_models() or cfg.model in timm.list_models(pretrained=True),
           f"unknown timm model {cfg.model!r} for teacher {cfg.name!r}; see timm.list_models()")
-    kwargs = dict(num_classes=0, **OmegaConf.to_container(cfg.kwargs or {}, resolve=True))
+    kwargs = dict(num_classes=0, **(OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.kwargs else {}))
     if drop_path:
         kwargs["drop_path_rate"] = drop_path
     weights = cfg.weights
@@ -109,7 +109,7 @@ def build_open_clip_visual(cfg: DictConfig) -> nn.Module:
     name, weights = cfg.model, cfg.weights
     check(name in open_clip.list_models(), f"unknown open_clip model {name!r} for teacher {cfg.name!r}; "
           f"see open_clip.list_models()")
-    kwargs = OmegaConf.to_container(cfg.kwargs or {}, resolve=True)
+    kwargs = (OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.kwargs else {})
     if looks_like_file(weights):
         if not is_torchscript(weights):
             read_state_dict(weights)  # missing or unreadable: a clear error before open_clip's own

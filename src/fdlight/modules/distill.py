@@ -122,18 +122,23 @@ class FeatureDistillation(L.LightningModule):
         self.first_loss = checkpoint.get("fd_first_loss")
 
     # ---------------------------------------------------------------------------------------------- optimizer
-    def configure_optimizers(self):
+    def build_optimizer(self, total_steps: int, total_batch: int, fused: bool = False):
+        """AdamW over student + projector (official no-decay rules) and the per-step warmup + cosine schedule,
+        with every lr scaled by total_batch / 512."""
         o = self.optim_cfg
         named = [("student." + n, p) for n, p in self.student.named_parameters()]
         named += [("projector." + n, p) for n, p in self.projector.named_parameters()]
         groups = param_groups(named, o["weight_decay"], self.no_decay_keywords)
-        t = self.trainer
-        total_batch = o["batch_size"] * t.world_size * t.accumulate_grad_batches
-        total = int(t.estimated_stepping_batches)
-        warmup = int(round(total * o["warmup_epochs"] / max(o["epochs"], 1)))
-        opt, sched = adamw_with_schedule(
+        warmup = int(round(total_steps * o["warmup_epochs"] / max(o["epochs"], 1)))
+        return adamw_with_schedule(
             groups, scaled_lr(o["base_lr"], total_batch), scaled_lr(o["warmup_lr"], total_batch),
-            scaled_lr(o["min_lr"], total_batch), warmup, total, o["betas"], fused=self.device.type == "cuda")
+            scaled_lr(o["min_lr"], total_batch), warmup, total_steps, o["betas"], fused=fused)
+
+    def configure_optimizers(self):
+        t = self.trainer
+        total_batch = self.optim_cfg["batch_size"] * t.world_size * t.accumulate_grad_batches
+        opt, sched = self.build_optimizer(int(t.estimated_stepping_batches), total_batch,
+                                          fused=self.device.type == "cuda")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):

@@ -47,6 +47,8 @@ def build_strategy(trainer_cfg: DictConfig, wrap_classes: set[type] | None):
         return trainer_cfg.strategy
     from lightning.pytorch.strategies import FSDPStrategy
 
+    check(torch.cuda.is_available(), "trainer=fsdp shards over CUDA GPUs and none is visible; use trainer=cpu here, "
+                                     "or trainer=gpu / trainer=ddp on a GPU machine")
     check(bool(wrap_classes), "trainer=fsdp needs the student's block_class in its config to wrap")
     return FSDPStrategy(auto_wrap_policy=set(wrap_classes),
                         activation_checkpointing_policy=set(wrap_classes) if trainer_cfg.activation_checkpointing

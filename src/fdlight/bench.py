@@ -1,0 +1,123 @@
+"""`python -m fdlight.bench`: time one distillation step of fdlight's own module on synthetic batches.
+
+Prints img/s, teacher vs student milliseconds, peak memory and model FLOPs utilisation (FLOPs counted with
+torch's FlopCounterMode on the real step, not estimated). Any config override may follow the flags, e.g.
+`python -m fdlight.bench --batch 128 --compile teacher=clip_vitb student=vit_b16`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 tensor-core peaks (vendor figures, TFLOP/s) for the MFU column; --peak-tflops overrides.
+PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose, initialize_config_module
+
+    with initialize_config_module(config_module="fdlight.conf", version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def peak_tflops(device: str, given: float | None) -> float | None:
+    if given:
+        return given
+    if device != "cuda":
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAKS.items() if k in name), None)
+
+
+def timed(fn, steps: int, device: str) -> float:
+    """Mean seconds per call, synchronised."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=None, help="default: 128 on GPU, 8 on CPU")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the distillation step")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. teacher=clip_vitb student=vit_b16")
+    args = ap.parse_args(argv)
+    from fdlight.stages.distill import build_distillation
+
+    dev = args.device
+    overrides = args.overrides or (["teacher=clip_vitb", "teacher.weights=null", "student=vit_b16",
+                                    "drop_path.student=0.2"] if dev == "cuda" else [])
+    cfg = compose([*overrides, f"trainer.compile={args.compile}"])
+    batch = args.batch or (128 if dev == "cuda" else 8)
+    torch.set_float32_matmul_precision("high")
+    module = build_distillation(cfg).to(dev)
+    bf16 = dev == "cuda"
+    module.teacher.to(device=dev, dtype=torch.bfloat16 if bf16 else torch.float32)
+    opt, sched = module.build_optimizer(total_steps=10_000, total_batch=batch, fused=dev == "cuda")
+    params = [p for g in opt.param_groups for p in g["params"]]
+    size = module.student_layout.img_size
+    x = torch.randn(batch, 3, size, size, device=dev)
+
+    def step():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            loss = module.distill_loss(x)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, module.optim_cfg["clip_grad"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    with FlopCounterMode(display=False) as counter:  # eager, one image: teacher fwd + student fwd/bwd + projector
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            module._distill_loss(x[:1]).backward()
+    flops_per_img = counter.get_total_flops()
+    opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step_s = timed(step, args.steps, dev)
+    mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+
+    def teacher_only():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            module.target(x)
+
+    def student_only():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            module.prediction(x).float().square().mean().backward()
+        opt.zero_grad(set_to_none=True)
+
+    teacher_s = timed(teacher_only, max(args.steps // 2, 1), dev)
+    student_s = timed(student_only, max(args.steps // 2, 1), dev)
+    ips = batch / step_s
+    peak = peak_tflops(dev, args.peak_tflops)
+    achieved = ips * flops_per_img / 1e12
+    result = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", teacher=cfg.teacher.name,
+                  student=cfg.student.name, batch=batch, compile=args.compile, img_per_s=round(ips, 1),
+                  step_ms=round(step_s * 1e3, 2), teacher_ms=round(teacher_s * 1e3, 2),
+                  student_fwd_bwd_ms=round(student_s * 1e3, 2), peak_mem_gib=round(mem, 2),
+                  gflop_per_img=round(flops_per_img / 1e9, 2), tflops=round(achieved, 1),
+                  mfu=round(achieved / peak, 3) if peak else None)
+    print("fdlight.bench " + " ".join(f"{k}={v}" for k, v in result.items()))
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,203 @@
+"""Multi-scale maps from a timm backbone for dense heads.
+
+`Backbone` turns a ViT (timm Beit / VisionTransformer) into the token maps of four blocks, all at the patch stride,
+or a Swin / SwinV2 into its four stages (strides 4-32). Two pyramids bring the ViT maps to strides 4, 8, 16, 32:
+`BeitPyramid` (the BEiT/FD recipe for UPerNet: one block per level, deconvolutions up, max-pooling down) and
+`SimpleFeaturePyramid` (ViTDet, for Mask R-CNN: the last block only, then a 1x1 + 3x3 conv per level).
+`DetectionBackbone` gives torchvision's detectors the OrderedDict and `out_channels` they expect.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import LayerNorm2d
+
+from fdlight.errors import FDLightError, check
+
+PYRAMID_STRIDES = (4, 8, 16, 32)
+VIT_STEM = ("cls_token", "pos_embed", "patch_embed", "reg_token", "mask_token", "norm_pre")
+
+
+def default_indices(depth: int) -> list[int]:
+    """The blocks feeding the four levels: BEiT's choice for 12 and 24 blocks, quarters of the depth otherwise."""
+    known = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}
+    return known.get(depth, [max(round(depth * (k + 1) / 4) - 1, 0) for k in range(4)])
+
+
+def _side(value) -> int:
+    return int(value[0] if isinstance(value, (tuple, list)) else value)
+
+
+class Backbone(nn.Module):
+    """A timm ViT or Swin as four NCHW maps. ViT: tokens after blocks `indices` (prefix tokens dropped); Swin: its
+    stages. Layers past the last map, the final norm and the classifier are pruned (they would get no gradient)."""
+
+    def __init__(self, model: nn.Module, indices=None):
+        super().__init__()
+        self.model = model
+        self.is_vit = hasattr(model, "blocks")
+        if self.is_vit:
+            depth = len(model.blocks)
+            indices = default_indices(depth) if indices is None else [int(i) for i in indices]
+            check(len(indices) == 4 and all(-depth <= i < depth for i in indices),
+                  f"backbone indices {indices} must name 4 of the model's {depth} blocks (0..{depth - 1})")
+            indices = [i % depth for i in indices]
+            self.take = sorted(set(indices))
+            self.order = [self.take.index(i) for i in indices]
+            model.prune_intermediate_layers(self.take, prune_norm=True, prune_head=True)
+            self.patch_size = _side(model.patch_embed.patch_size)
+            self.channels = [int(model.embed_dim)] * 4
+            self.strides = [self.patch_size] * 4
+        elif hasattr(model, "layers"):
+            check(len(model.layers) == 4, f"a Swin backbone needs 4 stages, this one has {len(model.layers)}")
+            self.take, self.order = [0, 1, 2, 3], [0, 1, 2, 3]
+            model.prune_intermediate_layers(self.take, prune_norm=True, prune_head=True)
+            self.channels = [int(f["num_chs"]) for f in model.feature_info]
+            self.strides = [int(f["reduction"]) for f in model.feature_info]
+            self.patch_size = self.strides[0]
+        else:
+            raise FDLightError(f"{type(model).__name__} is neither a ViT (blocks) nor a Swin (layers); dense stages "
+                               f"need a timm Beit, VisionTransformer, Swin or SwinV2 backbone")
+        self.img_size = _side(model.patch_embed.img_size)
+        self.depths = [len(s.blocks) for s in model.layers] if not self.is_vit else None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+            raise FDLightError(f"the backbone takes {self.img_size}x{self.img_size} inputs (fixed window), got "
+                               f"{x.shape[-2]}x{x.shape[-1]}; set the crop/image size to {self.img_size}")
+        kw = dict(stop_early=True) if self.is_vit else {}
+        maps = self.model.forward_intermediates(x, indices=self.take, intermediates_only=True, **kw)
+        return [maps[j] for j in self.order]
+
+    # ----------------------------------------------------------------------------------------- layer decay
+    @property
+    def num_layers(self) -> int:
+        """Layer-decay depth as in the official code: blocks + 2 (stem = 0, heads = num_layers - 1)."""
+        return (len(self.model.blocks) if self.is_vit else sum(self.depths)) + 2
+
+    def layer_id(self, name: str) -> int:
+        """Layer of a parameter named relative to this backbone's model (fd-method.md §2.4)."""
+        if self.is_vit:
+            if name.startswith(VIT_STEM):
+                return 0
+            m = re.match(r"blocks\.(\d+)\.", name)
+            return int(m.group(1)) + 1 if m else self.num_layers - 1
+        if name.startswith(("patch_embed", "absolute_pos_embed")):
+            return 0
+        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name)
+        if m:
+            return sum(self.depths[:int(m.group(1))]) + int(m.group(2)) + 1
+        m = re.match(r"layers\.(\d+)\.downsample\.", name)  # timm merges at a stage's start: the previous stage's end
+        if m:
+            return sum(self.depths[:int(m.group(1))])
+        return self.num_layers - 1
+
+
+def _scale_steps(in_stride: float, out_stride: float) -> int:
+    """Signed number of 2x steps from in_stride to out_stride (+ up-sampling, - down-sampling)."""
+    ratio = in_stride / out_stride
+    steps = math.log2(ratio)
+    if abs(steps - round(steps)) > 1e-6:
+        raise FDLightError(f"cannot bring stride {in_stride} to stride {out_stride} by factors of 2; choose pyramid "
+                           f"strides that are the patch size times a power of two")
+    return int(round(steps))
+
+
+def _norm2d(kind: str, channels: int) -> nn.Module:
+    if kind == "bn":
+        return nn.BatchNorm2d(channels)
+    if kind == "gn":
+        return nn.GroupNorm(math.gcd(32, channels), channels)
+    if kind == "ln":
+        return LayerNorm2d(channels)
+    raise FDLightError(f"unknown norm {kind!r}; use bn, gn or ln")
+
+
+class BeitPyramid(nn.Module):
+    """BEiT/FD fpn1-4: each of four ViT maps (same stride) brought to its own stride, channels unchanged:
+    x4 = deconv, norm, GELU, deconv; x2 = deconv; x1 = identity; /2 = max-pool."""
+
+    def __init__(self, dim: int, in_stride: int, out_strides=PYRAMID_STRIDES, norm: str = "bn"):
+        super().__init__()
+        levels = []
+        for stride in out_strides:
+            steps = _scale_steps(in_stride, stride)
+            if steps > 0:
+                layers = []
+                for k in range(steps):
+                    layers.append(nn.ConvTranspose2d(dim, dim, 2, 2))
+                    if k < steps - 1:
+                        layers += [_norm2d(norm, dim), nn.GELU()]
+                levels.append(nn.Sequential(*layers))
+            elif steps < 0:
+                levels.append(nn.MaxPool2d(2 ** -steps, 2 ** -steps))
+            else:
+                levels.append(nn.Identity())
+        self.levels = nn.ModuleList(levels)
+        self.strides = [int(s) for s in out_strides]
+        self.channels = [dim] * len(levels)
+
+    def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [level(x) for level, x in zip(self.levels, maps)]
+
+
+class SimpleFeaturePyramid(nn.Module):
+    """ViTDet's simple feature pyramid on the last ViT map: deconvolutions (channels halved per step) or max-pooling
+    to each stride, then 1x1 conv + LayerNorm + 3x3 conv + LayerNorm to `out_channels`; plus a stride-2 'pool' level
+    for the RPN, keyed '0'..'3', 'pool' as torchvision expects."""
+
+    def __init__(self, dim: int, in_stride: int, out_channels: int = 256, out_strides=PYRAMID_STRIDES):
+        super().__init__()
+        levels = []
+        for stride in out_strides:
+            steps = _scale_steps(in_stride, stride)
+            layers, ch = [], dim
+            for k in range(max(steps, 0)):
+                check(ch % 2 == 0, f"width {dim} cannot be halved {steps} times for stride {stride}")
+                layers.append(nn.ConvTranspose2d(ch, ch // 2, 2, 2))
+                ch //= 2
+                if k < steps - 1:
+                    layers += [LayerNorm2d(ch), nn.GELU()]
+            if steps < 0:
+                layers.append(nn.MaxPool2d(2 ** -steps, 2 ** -steps))
+            layers += [nn.Conv2d(ch, out_channels, 1, bias=False), LayerNorm2d(out_channels),
+                       nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), LayerNorm2d(out_channels)]
+            levels.append(nn.Sequential(*layers))
+        self.levels = nn.ModuleList(levels)
+        self.out_channels = out_channels
+        self.strides = [int(s) for s in out_strides] + [int(out_strides[-1]) * 2]
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        out = OrderedDict((str(i), level(x)) for i, level in enumerate(self.levels))
+        out["pool"] = F.max_pool2d(out[str(len(self.levels) - 1)], 1, 2)
+        return out
+
+
+class DetectionBackbone(nn.Module):
+    """Backbone + neck for torchvision detectors: ViT -> simple feature pyramid on the last block; Swin -> FPN on its
+    four stages. Returns OrderedDict('0'..'3', 'pool') of `out_channels` maps."""
+
+    def __init__(self, backbone: Backbone, out_channels: int = 256, out_strides=PYRAMID_STRIDES):
+        super().__init__()
+        self.body = backbone
+        if backbone.is_vit:
+            self.neck = SimpleFeaturePyramid(backbone.channels[-1], backbone.patch_size, out_channels, out_strides)
+            self.strides = self.neck.strides
+        else:
+            from torchvision.ops import FeaturePyramidNetwork
+            from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+            self.neck = FeaturePyramidNetwork(backbone.channels, out_channels, extra_blocks=LastLevelMaxPool())
+            self.strides = backbone.strides + [backbone.strides[-1] * 2]
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict:
+        maps = self.body(x)
+        if self.body.is_vit:
+            return self.neck(maps[-1])
+        return self.neck(OrderedDict((str(i), m) for i, m in enumerate(maps)))
