@@ -245,7 +245,7 @@ def _norm(vs: list[torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum(v.double().square().sum() for v in vs))
 
 
-def top_hessian_eigenvalue(objective: Objective, iters: int = 20, tol: float = 1e-3, seed: int = 0) -> Eigen:
+def top_hessian_eigenvalue(objective: Objective, iters: int = 30, tol: float = 1e-4, seed: int = 0) -> Eigen:
     """Dominant eigenvalue of the Hessian over the parameters with ndim > 1 (as Li et al.), by power iteration."""
     from fdlight.diagnostics.attention import unfused_attention
 

@@ -166,6 +166,12 @@ def exported_subject(path: Path, name: str, cfg: DictConfig) -> Subject:
     import timm
 
     meta = _read_metadata(path)
+    if meta.get("task") == "segment":  # UPerNet of stage=segment: diagnose its (pruned) timm backbone
+        from fdlight.stages.segment import load_segmenter
+
+        model = load_segmenter(path).backbone.model
+        return Subject(name, str(path), "segmentation backbone", model, _img_size(model),
+                       info={"timm_model": meta.get("backbone_model"), "stage": "segment"})
     if "timm_model" not in meta:
         raise FDLightError(f"{path} carries no fdlight metadata (timm name and kwargs); pass a file written by "
                            f"fdlight, or a teacher's weights as .pt/.pth/.bin with teacher=<its config>")
