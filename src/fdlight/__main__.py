@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from importlib import resources
 
 import hydra
@@ -34,10 +35,15 @@ def check_group_overrides(argv: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://fdlight.conf", config_name="config")
 def _app(cfg: DictConfig) -> float | None:
+    import lightning.pytorch  # noqa: F401 - attaches its console handler, removed below
+
     from fdlight.stages import run
 
-    for handler in list(logging.getLogger("lightning.pytorch").handlers):  # Hydra's handlers print it already
-        logging.getLogger("lightning.pytorch").removeHandler(handler)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # route through Hydra's handlers, once
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
     try:
         metrics = run(cfg, HydraConfig.get().runtime.output_dir)
     except FDLightError as e:
@@ -47,8 +53,18 @@ def _app(cfg: DictConfig) -> float | None:
     return metrics.get("last_loss") if isinstance(metrics, dict) else None
 
 
+QUIET = (  # harmless library notices that only confuse a first run
+    r".*`val_dataloader` but have no `validation_step`.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*is smaller than the logging interval.*",
+    r".*Found .* module\(s\) in eval mode.*",
+)
+
+
 def main() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     try:
         check_group_overrides(sys.argv[1:])
     except FDLightError as e:
