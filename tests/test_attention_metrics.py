@@ -24,7 +24,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-
 def brute_mean_pairwise(grid, stride, weight_fn):
     """(1/P) sum_i sum_j w(i, j) |p_i - p_j| with explicit loops over grid positions."""
     cells = [(r, c) for r in range(grid[0]) for c in range(grid[1])]

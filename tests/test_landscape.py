@@ -24,7 +24,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-
 def classifier(seed=0, classes=10, **kw):
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,

@@ -174,7 +174,7 @@ class Landscape:
                 "curve": self.curve, "curve_accuracy": self.curve_accuracy, "origin": self.origin,
                 "accuracy_origin": self.accuracy_origin, "sharpness": self.sharpness,
                 "sharpness_rel": self.sharpness / self.origin if self.origin > 0 else None,
-                "mean_increase_2d": sum(flat) / len(flat) - self.origin, **self.extra}
+                "mean_increase_2d": sum(flat) / len(flat) - self.origin if flat else None, **self.extra}
 
 
 def loss_landscape(objective: Objective, steps: int, span: float, seed: int = 0, two_d: bool = True) -> Landscape:

@@ -1,0 +1,210 @@
+"""stage=diagnose end to end on real artifacts: a teacher config, a distilled run (its directory and its Lightning
+.ckpt), a fine-tuned model.safetensors; the JSON, the plots, W&B images, the losses at the origin computed
+independently, every bad input as one line, fused attention restored after a failure."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from conftest import TINY, compose, run_cli, run_stage
+from fdlight.data.synthetic import SyntheticClassification
+from fdlight.data.transforms import eval_transform
+from fdlight.diagnostics.loading import load_subject
+from fdlight.errors import FDLightError
+from fdlight.models.weights import export_timm, read_state_dict
+from fdlight.stages import run
+from fdlight.stages.diagnose import diagnose_subject, summarize
+from fdlight.stages.distill import build_distillation
+
+FAST = ["stage=diagnose", "diagnose.num_images=8", "diagnose.batch_size=4", "diagnose.landscape.steps=3"]
+VIT = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def listing(*specs) -> str:
+    return "diagnose.checkpoints=[" + ",".join(f"'{s}'" for s in specs) + "]"
+
+
+def eval_images(n=8, size=32):
+    ds = SyntheticClassification("val", n, 64, 10, 0, eval_transform(size))
+    xs, ys = zip(*[ds[i] for i in range(n)])
+    return torch.stack(xs), torch.tensor(ys)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    distill = root / "distill"
+    run_stage(["data.num_train=64", "distill.batch_size=16", "distill.max_steps=3", "distill.epochs=1"], distill)
+    finetune = root / "finetune"
+    finetune.mkdir()
+    torch.manual_seed(1)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **VIT)
+    export_timm(vit, finetune / "model.safetensors", "vit_tiny_patch16_224", dict(num_classes=10, **VIT),
+                stage="finetune")
+    resnet = timm.create_model("resnet10t", pretrained=False, num_classes=0)
+    export_timm(resnet, root / "resnet.safetensors", "resnet10t", {"num_classes": 0}, stage="finetune")
+    (root / "junk.safetensors").write_bytes(b"this is not a safetensors file")
+    (root / "junk.pt").write_bytes(b"nor is this a torch pickle")
+    lone = root / "lone"
+    lone.mkdir()
+    shutil.copy(distill / "checkpoints" / "last.ckpt", lone / "last.ckpt")
+    return {"root": root, "distill": distill, "finetune": finetune / "model.safetensors",
+            "ckpt": distill / "checkpoints" / "last.ckpt", "resnet": root / "resnet.safetensors",
+            "junk_st": root / "junk.safetensors", "junk_pt": root / "junk.pt", "lone_ckpt": lone / "last.ckpt"}
+
+
+@pytest.fixture(scope="module")
+def diagnosed(artifacts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("diag") / "run"
+    specs = ["teacher:tiny", artifacts["distill"], artifacts["finetune"], artifacts["ckpt"]]
+    metrics = run_stage([*FAST, listing(*specs), "diagnose.names=[teacher,fd,ft,fd_ckpt]", "diagnose.hessian=true",
+                         "diagnose.hessian_iters=5"], out)
+    return out, metrics, json.loads((out / "diagnostics.json").read_text())
+
+
+def test_json_holds_every_number_per_checkpoint(diagnosed):
+    out, metrics, doc = diagnosed
+    ck = doc["checkpoints"]
+    assert list(ck) == ["teacher", "fd", "ft", "fd_ckpt"]
+    assert [ck[n]["summary"]["landscape_loss"] for n in ck] == ["probe", "fd", "ce", "fd"]
+    assert [ck[n]["kind"] for n in ck] == ["teacher", "distilled student", "fine-tuned", "distilled student"]
+    for name, r in ck.items():
+        a = r["attention"]
+        assert a["layers"] == ["blocks.0.attn", "blocks.1.attn"] and a["heads"] == [2, 2]
+        assert len(a["distance_px"]) == 2 and all(len(h) == 2 for h in a["distance_px"])
+        assert all(0 < d < 8 * 3 * math.sqrt(2) for h in a["distance_px"] for d in h)  # inside a 4x4 grid of 8 px
+        assert len(a["kl_pairs"][0]) == 2 and all(0 <= v <= 1 for v in a["diagonality_mean"])
+        ls = r["landscape"]
+        assert ls["alphas"] == [-1.0, 0.0, 1.0] and len(ls["surface"]) == 3 and ls["surface"][1][1] == ls["origin"]
+        assert math.isfinite(r["hessian"]["max_eigenvalue"]) and r["hessian"]["iterations"] >= 1
+        s = r["summary"]
+        assert s["attn_distance_spread"] == pytest.approx(sum(a["distance_std_px"]) / 2)
+        assert s["sharpness"] == pytest.approx(0.5 * (ls["curve"][0] + ls["curve"][-1]) - ls["origin"])
+        assert r["num_images"] == 8
+    assert metrics["checkpoints"]["fd"] == ck["fd"]["summary"]
+    assert json.loads((out / "metrics.json").read_text())["stage"] == "diagnose"
+
+
+def test_plots_are_written_as_png(diagnosed):
+    out, metrics, _ = diagnosed
+    names = {"attention_distance.png", "head_diversity.png", "landscape.png", "attention_maps_teacher.png",
+             "attention_maps_fd.png", "attention_maps_ft.png", "attention_maps_fd_ckpt.png"}
+    assert set(metrics["plots"]) == names
+    for name in names:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 5000, name
+    maps = read_state_dict(out / "attention_maps.safetensors")
+    assert maps["fd|blocks.1.attn"].shape == (2, 16, 16)
+
+
+def test_ckpt_and_export_of_one_run_agree(diagnosed):
+    ck = diagnosed[2]["checkpoints"]
+    assert ck["fd"]["attention"]["distance_px"] == ck["fd_ckpt"]["attention"]["distance_px"]
+    assert ck["fd"]["landscape"]["origin"] == pytest.approx(ck["fd_ckpt"]["landscape"]["origin"], rel=1e-6)
+
+
+def test_fd_loss_at_origin_is_the_runs_own_loss(artifacts, diagnosed):
+    run_cfg = OmegaConf.load(artifacts["distill"] / "config.yaml")
+    module = build_distillation(run_cfg)  # the training code path, independent of the diagnostics loader
+    state = read_state_dict(artifacts["ckpt"])["state_dict"]
+    module.load_state_dict(state, strict=True)
+    module.eval()
+    x, _ = eval_images()
+    with torch.no_grad():
+        want = float(module._distill_loss(x))
+    assert diagnosed[2]["checkpoints"]["fd"]["landscape"]["origin"] == pytest.approx(want, rel=1e-5)
+
+
+def test_ce_at_origin_is_the_models_cross_entropy(artifacts, diagnosed):
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=10, checkpoint_path=str(artifacts["finetune"]),
+                              **VIT).eval()  # timm's strict loader
+    x, y = eval_images()
+    with torch.no_grad():
+        want = float(F.cross_entropy(model(x), y))
+    assert diagnosed[2]["checkpoints"]["ft"]["landscape"]["origin"] == pytest.approx(want, rel=1e-5)
+
+
+def test_wandb_gets_the_plots_as_images(tmp_path):
+    out = tmp_path / "run"
+    run_stage([*FAST, "logger=wandb", listing("teacher:tiny"), "diagnose.landscape.two_d=false"], out)
+    images = sorted(p.name for p in out.glob("wandb/offline-run-*/files/media/images/**/*.png"))
+    for stem in ("attention_distance", "head_diversity", "landscape", "attention_maps_teacher_tiny"):
+        assert any(name.startswith(stem + "_") for name in images), images
+
+
+def test_summarize_for_the_demo(artifacts):
+    cfg = compose([*TINY, *FAST, "diagnose.landscape.loss=probe"])
+    out = summarize(["teacher:tiny", str(artifacts["distill"])], cfg, names=["teacher", "student"])
+    assert list(out) == ["teacher", "student"]
+    for s in out.values():
+        assert s["landscape_loss"] == "probe"
+        assert math.isfinite(s["attn_distance_spread"]) and math.isfinite(s["sharpness"])
+
+
+def fused(model):
+    flags = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    assert flags
+    return flags
+
+
+def test_fused_attention_restored_after_a_failing_diagnosis():
+    cfg = compose([*TINY, *FAST])
+    subject = load_subject("teacher:tiny", cfg)
+    assert all(fused(subject.model))
+    subject.img_size = 48  # images the 32 px model cannot take: the forward fails with attention unfused
+    with pytest.raises(Exception):
+        diagnose_subject(subject, cfg)
+    assert all(fused(subject.model))
+    subject.img_size = 32
+    with pytest.raises(FDLightError, match="no classification head"):  # fails after the attention pass
+        diagnose_subject(subject, compose([*TINY, *FAST, "diagnose.landscape.loss=ce"]))
+    assert all(fused(subject.model))
+
+
+BAD = {
+    "no_attention": (lambda a: [listing(a["resnet"])], "has no attention layers"),
+    "unreadable_safetensors": (lambda a: [listing(a["junk_st"])], "cannot read checkpoint"),
+    "unreadable_pt": (lambda a: [listing(a["junk_pt"])], "cannot read weights file"),
+    "missing": (lambda a: [listing(a["root"] / "nope.safetensors")], "does not exist"),
+    "ckpt_without_config": (lambda a: [listing(a["lone_ckpt"])], "needs its run's config.yaml"),
+    "unknown_teacher": (lambda a: [listing("teacher:nope")], "unknown teacher config 'nope'"),
+    "empty_subset": (lambda a: ["diagnose.num_images=0"], "empty evaluation subset"),
+    "zero_steps": (lambda a: ["diagnose.landscape.steps=0"], "not a positive grid size"),
+    "negative_steps": (lambda a: ["diagnose.landscape.steps=-5"], "not a positive grid size"),
+    "zero_span": (lambda a: ["diagnose.landscape.span=0"], "not a positive size"),
+    "empty_list": (lambda a: ["diagnose.checkpoints=[]"], "must be a non-empty list"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_and_leaves_no_run(case, artifacts, tmp_path):
+    overrides, message = BAD[case]
+    with pytest.raises(FDLightError) as e:
+        run(compose([*TINY, *FAST, listing("teacher:tiny"), *overrides(artifacts)]), tmp_path / "run")
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_empty_image_folder_is_one_line(tmp_path):
+    (tmp_path / "data" / "val" / "cat").mkdir(parents=True)
+    (tmp_path / "data" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(FDLightError) as e:
+        run(compose([*TINY, *FAST, listing("teacher:tiny"), "data=imagenet", f"data.root={tmp_path / 'data'}"]),
+            tmp_path / "run")
+    assert "\n" not in str(e.value)
+
+
+def test_cli_prints_the_error_in_one_line(artifacts, tmp_path):
+    res = run_cli([*TINY, *FAST, listing(artifacts["resnet"]), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    lines = [line for line in res.stderr.splitlines() if line.startswith("fdlight: error:")]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
+    assert "resnet.safetensors" in lines[0] and "no attention layers" in lines[0]
