@@ -21,7 +21,7 @@ from fdlight.diagnostics.loading import load_subject
 from fdlight.errors import FDLightError
 from fdlight.models.weights import export_timm, read_state_dict
 from fdlight.stages import run
-from fdlight.stages.diagnose import diagnose_subject, summarize
+from fdlight.stages.diagnose import diagnose_checkpoint, diagnose_subject, summarize
 from fdlight.stages.distill import build_distillation
 
 FAST = ["stage=diagnose", "diagnose.num_images=8", "diagnose.batch_size=4", "diagnose.landscape.steps=3"]
@@ -148,6 +148,34 @@ def test_summarize_for_the_demo(artifacts):
     for s in out.values():
         assert s["landscape_loss"] == "probe"
         assert math.isfinite(s["attn_distance_spread"]) and math.isfinite(s["sharpness"])
+
+
+def test_teacher_weight_files_take_the_teacher_config(tmp_path):
+    from safetensors.torch import save_file
+
+    from fdlight.models.teachers import build_teacher
+
+    cfg = compose([*TINY, *FAST])
+    teacher = build_teacher(cfg.teacher, seed=7)  # other weights than the config's seed gives
+    save_file(teacher.model.state_dict(), str(tmp_path / "own.safetensors"))  # no fdlight metadata
+    torch.save(teacher.model.state_dict(), tmp_path / "own.pt")
+    for name in ("own.safetensors", "own.pt"):
+        subject = load_subject(str(tmp_path / name), cfg)
+        assert subject.kind == "teacher"
+        got, want = subject.model.state_dict(), teacher.model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_fd_loss_falls_back_to_a_probe_when_the_runs_teacher_is_gone(artifacts, tmp_path):
+    run_dir = tmp_path / "moved"
+    shutil.copytree(artifacts["distill"], run_dir)
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    run_cfg.teacher.weights = str(tmp_path / "gone.pt")
+    OmegaConf.save(run_cfg, run_dir / "config.yaml")
+    d = diagnose_checkpoint(str(run_dir), compose([*TINY, *FAST, "diagnose.landscape.two_d=false"]))
+    assert d.summary["landscape_loss"] == "probe" and "FD loss unavailable" in d.data["landscape"]["note"]
+    with pytest.raises(FDLightError, match="gone.pt"):
+        diagnose_checkpoint(str(run_dir), compose([*TINY, *FAST, "diagnose.landscape.loss=fd"]))
 
 
 def fused(model):

@@ -5,7 +5,8 @@ For every attention layer and head, over a set of images:
   columns dropped, rows not renormalised), p = token centre in pixels; Swin/SwinV2 use in-window coordinates;
 - head diversity: KL(h || g) between the attention distributions of heads h != g of a layer (patch-token queries, every
   key, eps 1e-8), averaged over queries and images; the layer's value is the mean over ordered pairs;
-- the attention map (patch tokens, raster order) averaged over images (and windows);
+- the attention map (patch tokens, raster order) averaged over images (and over every window for Swin, the shifted
+  blocks' masked boundary windows included, whose masks show as blocks);
 - diagonality of that map: a head that attends by relative position puts its mass on a few query-key offsets, a head
   that attends to fixed positions puts it on a few key columns. With the rows renormalised over patch keys,
   rel = mass of the k most used offsets, col = mass of the k most used columns (both as a share of all queries'

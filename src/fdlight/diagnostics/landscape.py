@@ -59,8 +59,9 @@ class ClassificationLoss(_Logits):
 
 
 def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The pooled pre-logits features of a timm model."""
-    return model.forward_head(model.forward_features(x), pre_logits=True)
+    """The pooled pre-logits features of a timm model (token mean where its pooling was pruned away)."""
+    out = model.forward_head(model.forward_features(x), pre_logits=True)
+    return out.flatten(1, -2).mean(1) if out.ndim > 2 else out
 
 
 class ProbeLoss(_Logits):

@@ -5,9 +5,9 @@ Checkpoint specs (`diagnose.checkpoints=[...]`):
   teacher            the composed config's teacher (teacher=<name> teacher.weights=<file> on the command line)
   teacher:<name>     conf/teacher/<name>.yaml as it ships (e.g. teacher:tiny, teacher:clip_vitb)
   <run directory>    its model.safetensors (fine-tuned), else student.safetensors (distilled), else checkpoints/last.ckpt
-  <file>.safetensors written by fdlight (timm name + kwargs in its metadata)
+  <file>.safetensors written by fdlight (timm name + kwargs in its metadata; a segmentation model gives its backbone)
   <file>.ckpt        a Lightning checkpoint of stage=distill (rebuilt from the run's config.yaml)
-  <file>.pt/.pth/.bin  a teacher's own weights, read with the architecture of the composed config's teacher
+  any other .pt/.pth/.bin/.safetensors: a teacher's own weights, read with the architecture of the config's teacher
 A distilled student next to its run's config.yaml and checkpoints/last.ckpt also gets its teacher and projector back,
 so its FD loss can be evaluated.
 """
@@ -30,7 +30,7 @@ from fdlight.models.weights import read_export_metadata, read_state_dict, summar
 log = logging.getLogger(__name__)
 
 RUN_FILES = ("model.safetensors", "student.safetensors", "checkpoints/last.ckpt")
-FOREIGN_WEIGHTS = (".pt", ".pth", ".bin")
+FOREIGN_WEIGHTS = (".pt", ".pth", ".bin", ".safetensors")
 
 
 @dataclass
@@ -111,9 +111,9 @@ def load_subject(spec: str, cfg: DictConfig, name: str | None = None) -> Subject
             path = run_artifact(path)
         if path.suffix == ".ckpt":
             subject = ckpt_subject(path, name)
-        elif path.suffix == ".safetensors":
-            subject = exported_subject(path, name, cfg)
-        elif path.suffix in FOREIGN_WEIGHTS:
+        elif path.suffix == ".safetensors" and _is_fdlight_export(path):
+            subject = exported_subject(path, name)
+        elif path.suffix in FOREIGN_WEIGHTS:  # a teacher's own weights: the architecture comes from teacher=
             tcfg = OmegaConf.merge(cfg.teacher, {"weights": str(path)})
             subject = teacher_subject(tcfg, int(cfg.get("seed", 0)), name, str(path))
         else:
@@ -162,19 +162,27 @@ def _load_strict(model: nn.Module, sd: dict, path: Path, what: str) -> None:
         raise summarize_load_error(e, path, what) from e
 
 
-def exported_subject(path: Path, name: str, cfg: DictConfig) -> Subject:
+def _is_fdlight_export(path: Path) -> bool:
+    meta = _read_metadata(path)
+    return "timm_model" in meta or meta.get("task") == "segment"
+
+
+def exported_subject(path: Path, name: str) -> Subject:
     import timm
 
     meta = _read_metadata(path)
     if meta.get("task") == "segment":  # UPerNet of stage=segment: diagnose its (pruned) timm backbone
         from fdlight.stages.segment import load_segmenter
 
-        model = load_segmenter(path).backbone.model
+        try:
+            model = load_segmenter(path).backbone.model
+        except FDLightError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a file from another fdlight version
+            raise FDLightError(f"cannot rebuild the segmentation model {path} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]}); diagnose the checkpoint it was trained from") from e
         return Subject(name, str(path), "segmentation backbone", model, _img_size(model),
                        info={"timm_model": meta.get("backbone_model"), "stage": "segment"})
-    if "timm_model" not in meta:
-        raise FDLightError(f"{path} carries no fdlight metadata (timm name and kwargs); pass a file written by "
-                           f"fdlight, or a teacher's weights as .pt/.pth/.bin with teacher=<its config>")
     kwargs = dict(meta["timm_kwargs"])
     try:
         model = timm.create_model(meta["timm_model"], pretrained=False, **kwargs)

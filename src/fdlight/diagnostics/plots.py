@@ -31,12 +31,12 @@ def distance_figure(results: dict[str, dict]) -> Figure:
             ax.scatter([layer] * len(dists), dists, s=16, alpha=0.75, color=_color(i), edgecolors="none")
         ax.plot(range(1, len(a["layers"]) + 1), a["distance_mean_px"], color="black", lw=0.8, alpha=0.5,
                 label="mean over heads")
-        ax.set_title(f"{name}\nspread {a['attn_distance_spread']:.3g} px (std over heads)", fontsize=9)
+        where = ", in-window" if a["windowed"] else ""
+        ax.set_title(f"{name}\nspread {a['attn_distance_spread']:.3g} px (std over heads{where})", fontsize=9)
         ax.set_xlabel("layer")
         _layer_ticks(ax, depth)
         ax.grid(alpha=0.3)
-    where = " (in-window)" if any(r["attention"]["windowed"] for r in results.values()) else ""
-    axes[0].set_ylabel(f"avg. attention distance (px){where}")
+    axes[0].set_ylabel("avg. attention distance (px)")
     axes[0].legend(fontsize=7, loc="lower right")
     fig.suptitle("Attention distance per head (one dot per head)", fontsize=10)
     return fig
