@@ -4,7 +4,8 @@ directory; the fixed evaluation subset; the training curves a run logged.
 Checkpoint specs (`diagnose.checkpoints=[...]`):
   teacher            the composed config's teacher (teacher=<name> teacher.weights=<file> on the command line)
   teacher:<name>     conf/teacher/<name>.yaml as it ships (e.g. teacher:tiny, teacher:clip_vitb)
-  <run directory>    its model.safetensors (fine-tuned), else student.safetensors (distilled), else checkpoints/last.ckpt
+  <run directory>    its model.safetensors (fine-tuned), else student.safetensors (distilled), else
+                     checkpoints/last.ckpt
   <file>.safetensors written by fdlight (timm name + kwargs in its metadata; a segmentation model gives its backbone)
   <file>.ckpt        a Lightning checkpoint of stage=distill (rebuilt from the run's config.yaml)
   any other .pt/.pth/.bin/.safetensors: a teacher's own weights, read with the architecture of the config's teacher
@@ -14,7 +15,6 @@ so its FD loss can be evaluated.
 from __future__ import annotations
 
 import csv
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +26,6 @@ from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fdlight.diagnostics.attention import check_has_attention
 from fdlight.errors import FDLightError, check
 from fdlight.models.weights import read_export_metadata, read_state_dict, summarize_load_error
-
-log = logging.getLogger(__name__)
 
 RUN_FILES = ("model.safetensors", "student.safetensors", "checkpoints/last.ckpt")
 FOREIGN_WEIGHTS = (".pt", ".pth", ".bin", ".safetensors")
@@ -230,8 +228,9 @@ def ckpt_subject(path: Path, name: str) -> Subject:
     if not any(k.startswith("student.") for k in sd):
         raise FDLightError(f"{path} holds no student.* weights, so it is not a stage=distill checkpoint; pass the "
                            f"run's model.safetensors (fine-tuned) or student.safetensors instead")
-    check((run_dir / "config.yaml").is_file(), f"{path} needs its run's config.yaml (expected at {run_dir}/config.yaml) "
-                                              f"to rebuild the student; pass the run's student.safetensors instead")
+    check((run_dir / "config.yaml").is_file(), f"{path} needs its run's config.yaml (expected at "
+                                              f"{run_dir}/config.yaml) to rebuild the student; pass the run's "
+                                              f"student.safetensors instead")
     run = distill_run(run_dir, path)
     check(run is not None, f"{run_dir}/config.yaml is not the config of a stage=distill run; pass the run's exported "
                            f".safetensors instead")

@@ -135,8 +135,10 @@ def landscape_figure(results: dict[str, dict]) -> Figure | None:
     if small and max(ranges) / small > 30:  # curves of very different heights: keep the flat ones visible
         ax.set_yscale("symlog", linthresh=small / 5)
         ax.set_ylim(bottom=min(-small / 5, 1.5 * lowest))
+        ax.set_ylabel("loss increase L(alpha) - L(0), symlog")
     ax.set_xlabel("alpha (filter-normalised direction 1)")
-    ax.set_ylabel("loss increase L(alpha) - L(0)")
+    if ax.get_yscale() == "linear":
+        ax.set_ylabel("loss increase L(alpha) - L(0)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.suptitle("Loss landscape (filter-normalised random directions)", fontsize=10)
