@@ -141,12 +141,14 @@ def test_wandb_gets_the_plots_as_images(tmp_path):
 
 
 def test_summarize_for_the_demo(artifacts):
-    cfg = compose([*TINY, *FAST, "diagnose.landscape.loss=probe"])
-    out = summarize(["teacher:tiny", str(artifacts["distill"])], cfg, names=["teacher", "student"])
+    cfg = compose([*TINY, *FAST])
+    out = summarize(["teacher:tiny", str(artifacts["distill"])], cfg, names=["teacher", "student"], loss="probe")
     assert list(out) == ["teacher", "student"]
     for s in out.values():
         assert s["landscape_loss"] == "probe"
         assert math.isfinite(s["attn_distance_spread"]) and math.isfinite(s["sharpness"])
+    other = summarize([str(artifacts["finetune"])], compose([*TINY, "stage=distill"]))  # defaults fill diagnose.*
+    assert other["finetune/model"]["landscape_loss"] == "ce"
 
 
 def test_teacher_weight_files_take_the_teacher_config(tmp_path):

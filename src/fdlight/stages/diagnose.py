@@ -232,11 +232,15 @@ def diagnose_checkpoint(spec: str, cfg: DictConfig | None = None, name: str | No
     return diagnose_subject(load_subject(spec, cfg, name), cfg)
 
 
-def summarize(paths, cfg: DictConfig | None = None, names=None) -> dict[str, dict]:
-    """{name: summary} of each checkpoint (see the module docstring for the keys); writes nothing."""
+def summarize(paths, cfg: DictConfig | None = None, names=None, loss: str | None = None) -> dict[str, dict]:
+    """{name: summary} of each checkpoint (see the module docstring for the keys); writes nothing. `cfg` may be any
+    stage's config (its data= is used; diagnose.* defaults fill in); `loss` overrides diagnose.landscape.loss, e.g.
+    'probe' to compare a teacher and a student on the same loss."""
     cfg = cfg if cfg is not None else config()
     d = settings(cfg)
     d = OmegaConf.merge(d, {"checkpoints": [str(p) for p in paths], "names": list(names) if names else None})
+    if loss is not None:
+        d.landscape.loss = loss
     check_settings(d)
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
