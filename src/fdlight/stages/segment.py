@@ -1,0 +1,284 @@
+"""stage=segment: UPerNet semantic segmentation on a pretrained backbone; writes `model.safetensors`, `metrics.json`
+(`val/mIoU`) and `predictions.png`. `python -m fdlight.stages.segment --bench` times ViT-B/16 + UPerNet at 512 on a GPU.
+
+With `segment.pretrained=PATH` the backbone comes from an earlier run's `student.safetensors` (its shared relative
+position bias copied into each block and resized to the crop) or a teacher's weights (`teacher=<config>`); without it,
+from a randomly initialised `cfg.student` (the tiny student by default: the embedded run measures the pipeline, not
+pretraining).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from importlib import resources
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.data.dense import IGNORE, SegmentationData
+from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fdlight.errors import FDLightError, check
+from fdlight.models.pretrained import Architecture, build_from_pretrained, downstream_kwargs
+from fdlight.models.pyramid import Backbone
+from fdlight.models.students import check_drop_path, student_kwargs
+from fdlight.models.upernet import UPerNet
+from fdlight.models.weights import atomic_save_safetensors, read_export_metadata, read_state_dict
+from fdlight.modules.segment import SemanticSegmentation, segmentation_loss
+from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
+
+log = logging.getLogger(__name__)
+OPTIM_KEYS = ("lr", "warmup_lr", "min_lr", "warmup_steps", "schedule", "power", "layer_decay", "weight_decay",
+              "betas", "no_decay_keywords", "clip_grad")
+
+
+# ------------------------------------------------------------------------------------------- shared by dense stages
+def backbone_model(cfg: DictConfig, s: DictConfig, img_size: int, key: str) -> tuple[nn.Module, Architecture, dict]:
+    """The timm backbone at img_size: from `<key>.pretrained`, else a random `cfg.student`. Returns the model, its
+    architecture and the timm kwargs that rebuild it."""
+    drop_path = check_drop_path(s.drop_path, f"{key}.drop_path")
+    path = s.get("pretrained")
+    if path:
+        path = Path(str(path)).expanduser()
+        if path.suffix == ".safetensors" and path.is_file():
+            task = read_export_metadata(path).get("task")
+            check(task is None, f"{key}.pretrained={path} is a whole {task} model, not a backbone; pass the "
+                                f"student.safetensors of a distill run or a teacher's weights file")
+        model, arch = build_from_pretrained(path, num_classes=0, drop_path=drop_path, teacher_cfg=cfg.get("teacher"),
+                                            img_size=img_size)
+    else:
+        arch = Architecture(cfg.student.model, student_kwargs(cfg.student))
+        model, arch = build_from_pretrained(None, num_classes=0, drop_path=drop_path, arch=arch, img_size=img_size)
+    return model, arch, downstream_kwargs(arch, 0, drop_path, "avg", img_size=img_size)
+
+
+def optim_config(s: DictConfig) -> dict:
+    return {k: (list(s[k]) if OmegaConf.is_list(s[k]) else s[k]) for k in OPTIM_KEYS}
+
+
+def user_error(e: FDLightError) -> FDLightError:
+    """A data error raised in a DataLoader worker comes back wrapped in its traceback: keep its one line."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    return FDLightError(last.split("FDLightError: ", 1)[-1])
+
+
+def fit_and_validate(trainer: L.Trainer, module: L.LightningModule, data, resume) -> None:
+    """Train, then validate once more unless the last step was just validated."""
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
+        if module.val_step != trainer.global_step or not module.val_results:
+            trainer.validate(module, datamodule=data, verbose=False)
+    except FDLightError as e:
+        raise user_error(e) from None
+
+
+def save_model(model: nn.Module, path: Path, task: str, arch: Architecture, timm_kwargs: dict, head: dict,
+               **extra) -> None:
+    """The whole model (backbone + neck + head), with what rebuilds it in the metadata."""
+    meta = {"format": "fdlight", "task": task, "backbone_model": arch.timm_model,
+            "backbone_kwargs": json.dumps(timm_kwargs), "head": json.dumps(head)}
+    meta.update({k: str(v) for k, v in extra.items()})
+    atomic_save_safetensors(model.state_dict(), path, meta)
+
+
+def rebuild_backbone(meta: dict) -> nn.Module:
+    import timm
+
+    return timm.create_model(meta["backbone_model"], pretrained=False, **json.loads(meta["backbone_kwargs"]))
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+def build_segmentation(cfg: DictConfig, s: DictConfig, num_classes: int):
+    """The LightningModule, the backbone architecture, its timm kwargs and the head config (for model.safetensors)."""
+    model, arch, kwargs = backbone_model(cfg, s, int(s.crop_size), "segment")
+    indices = list(s.indices) if s.get("indices") is not None else None
+    backbone = Backbone(model, indices)
+    head = dict(indices=indices, num_classes=int(num_classes), channels=int(s.channels),
+                aux_channels=int(s.aux_channels), norm=str(s.norm), dropout=float(s.dropout))
+    seg = UPerNet(backbone, num_classes=head["num_classes"], channels=head["channels"],
+                  aux_channels=head["aux_channels"], norm=head["norm"], dropout=head["dropout"])
+    module = SemanticSegmentation(seg, optim_config(s), s.eval_mode, s.get("eval_stride"), s.aux_weight,
+                                  s.get("eval_chunk", 8))
+    return module, arch, kwargs, head
+
+
+def load_segmenter(path: str | Path) -> UPerNet:
+    """Rebuild a segmentation model from the `model.safetensors` this stage writes (eval mode)."""
+    meta = read_export_metadata(path)
+    check(meta.get("task") == "segment", f"{path} is not a segmentation model written by stage=segment")
+    head = json.loads(meta["head"])
+    model = UPerNet(Backbone(rebuild_backbone(meta), head.pop("indices")), **head)
+    model.load_state_dict(read_state_dict(path))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ picture
+def palette(num_classes: int) -> np.ndarray:
+    """A fixed colour per class (tab20 first, then seeded random colours); 255 (ignored) is black."""
+    import matplotlib
+
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    tab = (np.asarray(matplotlib.colormaps["tab20"].colors) * 255).astype(np.uint8)
+    rng = np.random.default_rng(0)
+    for k in range(num_classes):
+        colours[k] = tab[k] if k < len(tab) else rng.integers(40, 256, 3)
+    return colours
+
+
+def denormalize(x: torch.Tensor) -> np.ndarray:
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x.cpu().float() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def plot_predictions(module: SemanticSegmentation, dataset, path: Path, count: int = 4) -> None:
+    """Image, ground truth and prediction for the first `count` validation images, one row each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count = min(int(count), len(dataset))
+    if count <= 0:
+        return
+    colours = palette(module.model.num_classes)
+    fig, axes = plt.subplots(count, 3, figsize=(7.5, 2.6 * count), squeeze=False)
+    module.eval()
+    for row in range(count):
+        image, label = dataset[row]
+        pred = module.predict([image.to(module.device)], [label.shape])[0].cpu()
+        scored = label != IGNORE
+        acc = float((pred[scored] == label[scored]).float().mean()) if scored.any() else float("nan")
+        shown = pred.clone()
+        shown[~scored] = IGNORE  # unscored pixels in black, as in the ground truth
+        pictures = [(denormalize(image), "image"), (colours[label.numpy()], "ground truth (black: ignored)"),
+                    (colours[shown.numpy()], f"prediction, pixel acc. {acc:.2f}")]
+        for ax, (picture, title) in zip(axes[row], pictures):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -------------------------------------------------------------------------------------------------------- stage
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    s = cfg.segment
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    data = SegmentationData(cfg.data, s.batch_size, s.crop_size, s.ratio_range, s.cat_max_ratio, s.photometric,
+                            s.eval_batch_size)
+    data.setup()
+    module, arch, kwargs, head = build_segmentation(cfg, s, data.num_classes)
+    resume = prepare_run_dir(cfg, run_dir)  # after the checks above: bad input leaves no run behind
+    meter = Throughput()
+    trainer = build_trainer(cfg, s, run_dir, callbacks=[meter], checkpoint_every=s.checkpoint_every_n_steps,
+                            validate=True)
+    trainer.check_val_every_n_epoch = int(s.val_every_n_epochs)
+    if s.norm == "bn" and trainer.world_size > 1:
+        module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model)
+    check(s.norm != "bn" or s.batch_size * trainer.world_size > 1,
+          f"segment.batch_size={s.batch_size} on one device leaves BatchNorm one value per channel on the 1x1 "
+          f"pyramid-pooling map; use segment.batch_size>=2 or segment.norm=gn")
+    start = time.perf_counter()
+    fit_and_validate(trainer, module, data, resume)
+    wall = time.perf_counter() - start
+    metrics = {"stage": "segment", "backbone": arch.timm_model, "pretrained": str(s.pretrained),
+               "data": cfg.data.name, "num_classes": data.num_classes, "eval_mode": s.eval_mode,
+               "crop_size": int(s.crop_size), **module.val_results, "first_loss": module.first_loss,
+               "last_loss": module.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
+               "wall_s": wall}
+    if trainer.is_global_zero:
+        save_model(module.model, run_dir / "model.safetensors", "segment", arch, kwargs, head,
+                   data=cfg.data.name, pretrained=s.pretrained)
+        write_metrics(run_dir, metrics)
+        plot_predictions(module, data.val_set, run_dir / "predictions.png", s.num_vis)
+        log.info("segmentation on %s: mIoU %.4f after %d steps (%.0f s); model at %s", cfg.data.name,
+                 metrics.get("val/mIoU", float("nan")), metrics["steps"], wall, run_dir / "model.safetensors")
+    return metrics
+
+
+def segmentation_miou(cfg: DictConfig, pretrained: str | Path | None, run_dir: str | Path,
+                      teacher_cfg: DictConfig | None = None, **overrides) -> float:
+    """Fine-tune UPerNet on `pretrained` (None: random `cfg.student`) with this stage's packaged defaults, updated by
+    cfg.segment (if any) and `overrides`, on cfg.data; return val/mIoU. `teacher_cfg` names the architecture of a
+    teacher's weights file. run_dir must be new (the run's artifacts are written there)."""
+    base = OmegaConf.load(str(resources.files("fdlight.conf").joinpath("stage", "segment.yaml")))
+    plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    seg = OmegaConf.merge(base.segment, plain.get("segment") or {}, overrides,
+                          {"pretrained": str(pretrained) if pretrained else None})
+    sub = OmegaConf.merge(plain, {"stage": "segment", "segment": seg, "resume": False})
+    if teacher_cfg is not None:
+        sub.teacher = OmegaConf.create(OmegaConf.to_container(teacher_cfg, resolve=True))
+    return float(run(sub, Path(run_dir))["val/mIoU"])
+
+
+# -------------------------------------------------------------------------------------------------- GPU check
+def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768, warmup: int = 5,
+          compile_model: bool = False) -> float | None:
+    """Training images/s of ViT-B/16 (FD student shape, per-block bias, random weights) + UPerNet at `size`, bf16
+    autocast, AdamW, on random tensors. Returns None (with a message) when there is no GPU."""
+    if not torch.cuda.is_available():
+        print("segment bench: no CUDA device here; run it on a GPU machine "
+              "(python -m fdlight.stages.segment --bench)")
+        return None
+    import timm
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+    vit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=size, num_classes=0,
+                            use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, drop_path_rate=0.1)
+    model = UPerNet(Backbone(vit), num_classes=150, channels=channels, aux_channels=256).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    step_fn = torch.compile(model) if compile_model else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=True)
+    x = torch.randn(batch, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 150, (batch, size, size), device="cuda")
+    y[:, :8] = IGNORE
+    timings = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = segmentation_loss(step_fn(x), y, 0.4)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            timings.append(time.perf_counter() - t)
+    ips = batch * len(timings) / sum(timings)
+    mem = torch.cuda.max_memory_allocated() / 2**30
+    print(f"segment bench: ViT-B/16 + UPerNet({channels}) at {size}px, batch {batch}, bf16, "
+          f"{torch.cuda.get_device_name()}: {ips:.1f} img/s ({1000 * sum(timings) / len(timings):.0f} ms/step, "
+          f"peak {mem:.1f} GiB, loss {float(loss):.3f}, compile={compile_model})")
+    check(math.isfinite(float(loss)), "the benchmark loss is not finite")
+    return ips
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m fdlight.stages.segment", description=bench.__doc__)
+    p.add_argument("--bench", action="store_true", help="time ViT-B/16 + UPerNet training steps on a GPU")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--channels", type=int, default=768)
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args(argv)
+    if not args.bench:
+        p.error("pass --bench (the stage itself runs as: python -m fdlight stage=segment)")
+    bench(args.steps, args.batch, args.size, args.channels, compile_model=args.compile)
+
+
+if __name__ == "__main__":
+    main()
