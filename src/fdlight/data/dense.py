@@ -71,7 +71,7 @@ class SegmentationTrainTransform:
         x = torch.zeros(3, c, c)
         x[:, :ch, :cw] = self.normalize(TF.to_tensor(image))
         y = torch.full((c, c), IGNORE, dtype=torch.long)
-        y[:ch, :cw] = torch.from_numpy(np.ascontiguousarray(label)).long()
+        y[:ch, :cw] = torch.from_numpy(np.array(label, dtype=np.int64))
         return x, y
 
 
@@ -87,7 +87,7 @@ class SegmentationEvalTransform:
         w, h = image.size
         scale = min(4 * self.crop / max(h, w), self.crop / min(h, w))
         image = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
-        return self.normalize(TF.to_tensor(image)), torch.from_numpy(np.ascontiguousarray(label)).long()
+        return self.normalize(TF.to_tensor(image)), torch.from_numpy(np.array(label, dtype=np.int64))
 
 
 class SyntheticSegmentation:
@@ -142,7 +142,7 @@ class LargeScaleJitter:
         if random.random() < 0.5:
             img, masks = img.flip(-1), masks.flip(-1)
             boxes = torch.stack([cw - boxes[:, 2], boxes[:, 1], cw - boxes[:, 0], boxes[:, 3]], dim=1)
-        keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1) & (masks.flatten(1).any(1))
+        keep = ((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1) & masks.flatten(1).bool().any(1)
         padded = torch.zeros((int(keep.sum()), self.size, self.size), dtype=torch.uint8)
         padded[:, :ch, :cw] = masks[keep]
         return self._pad(img), {"boxes": boxes[keep], "labels": target["labels"][keep], "masks": padded}
