@@ -61,6 +61,14 @@ def optim_config(s: DictConfig) -> dict:
     return {k: (list(s[k]) if OmegaConf.is_list(s[k]) else s[k]) for k in OPTIM_KEYS}
 
 
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Processes the trainer config asks for (devices=-1: every visible GPU)."""
+    devices = int(trainer_cfg.devices) if str(trainer_cfg.devices).lstrip("-").isdigit() else 1
+    if devices < 0:
+        devices = max(torch.cuda.device_count(), 1)
+    return devices * int(trainer_cfg.num_nodes)
+
+
 def user_error(e: FDLightError) -> FDLightError:
     """A data error raised in a DataLoader worker comes back wrapped in its traceback: keep its one line."""
     text = str(e)
@@ -176,17 +184,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     data = SegmentationData(cfg.data, s.batch_size, s.crop_size, s.ratio_range, s.cat_max_ratio, s.photometric,
                             s.eval_batch_size)
     data.setup()
+    world = world_size(cfg.trainer)
+    check(s.norm != "bn" or s.batch_size * world > 1,
+          f"segment.batch_size={s.batch_size} on one device leaves BatchNorm one value per channel on the 1x1 "
+          f"pyramid-pooling map; use segment.batch_size>=2 or segment.norm=gn")
     module, arch, kwargs, head = build_segmentation(cfg, s, data.num_classes)
+    if s.norm == "bn" and world > 1:  # the recipe's SyncBN: statistics over the whole batch
+        module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model)
     resume = prepare_run_dir(cfg, run_dir)  # after the checks above: bad input leaves no run behind
     meter = Throughput()
     trainer = build_trainer(cfg, s, run_dir, callbacks=[meter], checkpoint_every=s.checkpoint_every_n_steps,
                             validate=True)
     trainer.check_val_every_n_epoch = int(s.val_every_n_epochs)
-    if s.norm == "bn" and trainer.world_size > 1:
-        module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model)
-    check(s.norm != "bn" or s.batch_size * trainer.world_size > 1,
-          f"segment.batch_size={s.batch_size} on one device leaves BatchNorm one value per channel on the 1x1 "
-          f"pyramid-pooling map; use segment.batch_size>=2 or segment.norm=gn")
     start = time.perf_counter()
     fit_and_validate(trainer, module, data, resume)
     wall = time.perf_counter() - start
