@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from conftest import TINY, compose, run_stage
@@ -237,3 +238,17 @@ def test_gpu_check_exits_cleanly_without_a_gpu(capsys):
         pytest.skip("a GPU is present: the check would run")
     assert bench() is None
     assert "no CUDA device" in capsys.readouterr().out
+
+
+def test_bad_label_read_in_a_worker_process_still_gives_one_line(tmp_path):
+    root = write_ade20k(tmp_path / "data", n_train=2)
+    for name in ("ADE_train_00000000.png", "ADE_train_00000001.png"):
+        path = root / "annotations" / "training" / name
+        label = np.asarray(Image.open(path)).copy()
+        label[0, 0] = 200
+        Image.fromarray(label, mode="L").save(path)
+    with pytest.raises(FDLightError) as err:
+        run_stage([*STEP, "data=ade20k", f"data.root={tmp_path / 'data'}", "data.num_workers=1",
+                   "segment.crop_size=32"], tmp_path / "run")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("label map ") and "holds class 200" in message
