@@ -40,9 +40,14 @@ def test_vit_and_swin_detection_backbones_give_the_same_levels():
         assert [v.shape[-1] for v in out.values()] == [16, 8, 4, 2, 1] and all(v.shape[1] == 16 for v in out.values())
 
 
-def test_pyramid_refuses_strides_that_are_not_powers_of_two_away():
+def test_pyramid_of_a_patch_14_vit_uses_the_beit_factors():
+    neck = SimpleFeaturePyramid(32, 14, out_channels=8)
+    assert neck.strides == [3.5, 7, 14, 28, 56]
+    assert [v.shape[-1] for v in neck(torch.randn(1, 32, 8, 8)).values()] == [32, 16, 8, 4, 2]
     with pytest.raises(FDLightError, match="cannot bring stride 14 to stride 4"):
-        SimpleFeaturePyramid(32, 14)
+        SimpleFeaturePyramid(32, 14, out_strides=(4, 8, 16, 32))
+    with pytest.raises(FDLightError, match="power-of-two strides"):  # RoIAlign would misplace 3.5-stride boxes
+        DetectionBackbone(Backbone(beit(img_size=56, patch=14), indices=[3] * 4))
 
 
 def test_detector_input_must_be_the_padded_square():
@@ -133,3 +138,31 @@ def test_a_segmentation_model_is_not_a_detection_backbone(tmp_path):
                "data.num_val=2", "segment.num_vis=0"], tmp_path / "seg")
     with pytest.raises(FDLightError, match="is a whole segment model, not a backbone"):
         run_stage([*FAST, f"detect.pretrained={tmp_path / 'seg' / 'model.safetensors'}"], tmp_path / "det")
+
+
+@pytest.mark.parametrize("experiment", ["seg_vitb16_ade20k", "seg_vitl14_ade20k", "seg_swinv2b_ade20k",
+                                        "det_vitb16_coco", "det_swinv2b_coco"])
+def test_recipes_build_at_their_full_size(experiment):
+    """Each recipe composes and its model builds (on the meta device: shapes only) with the expected levels."""
+    from fdlight.stages.detect import detector
+    from fdlight.stages.segment import backbone_model, build_segmentation
+
+    cfg = compose([f"experiment={experiment}", "data.root=/nowhere"])
+    with torch.device("meta"):
+        if experiment.startswith("seg"):
+            model = build_segmentation(cfg, cfg.segment, 150)[0].model
+            body, size = model.backbone, cfg.segment.crop_size
+            assert model.strides == ([3.5, 7, 14, 28] if "vitl14" in experiment else [4, 8, 16, 32])
+        else:
+            net, _, _ = backbone_model(cfg, cfg.detect, cfg.detect.img_size, "detect")
+            model = detector(net, {"indices": None, "num_classes": 80, "img_size": 1024, "fpn_channels": 256,
+                                   **{k: cfg.detect[k] for k in ("anchor_sizes", "box_head_dim", "mask_head_dim",
+                                                                 "rpn_pre_nms_train", "rpn_post_nms_train",
+                                                                 "rpn_pre_nms_test", "rpn_post_nms_test",
+                                                                 "box_batch_size_per_image", "detections_per_img")}})
+            body, size = model.backbone.body, 1024
+            assert model.backbone.strides == [4, 8, 16, 32, 64]
+    assert body.img_size == size and size % body.patch_size == 0
+    if body.is_vit:
+        assert body.take == ([len(body.model.blocks) - 1] if experiment.startswith("det") else [3, 5, 7, 11]
+                             if "vitb16" in experiment else [7, 11, 15, 23])

@@ -23,6 +23,14 @@ PYRAMID_STRIDES = (4, 8, 16, 32)
 VIT_STEM = ("cls_token", "pos_embed", "patch_embed", "reg_token", "mask_token", "norm_pre")
 
 
+def pyramid_strides(patch: int) -> tuple:
+    """Strides 4, 8, 16, 32 from a power-of-two patch; otherwise the BEiT factors x4, x2, x1, /2 of the patch grid
+    (e.g. 3.5, 7, 14, 28 for a /14 ViT)."""
+    if patch & (patch - 1) == 0 and patch >= 4:
+        return PYRAMID_STRIDES
+    return (patch / 4, patch / 2, patch, patch * 2)
+
+
 def default_indices(depth: int) -> list[int]:
     """The blocks feeding the four levels: BEiT's choice for 12 and 24 blocks, quarters of the depth otherwise."""
     known = {12: [3, 5, 7, 11], 24: [7, 11, 15, 23]}
@@ -122,8 +130,9 @@ class BeitPyramid(nn.Module):
     """BEiT/FD fpn1-4: each of four ViT maps (same stride) brought to its own stride, channels unchanged:
     x4 = deconv, norm, GELU, deconv; x2 = deconv; x1 = identity; /2 = max-pool."""
 
-    def __init__(self, dim: int, in_stride: int, out_strides=PYRAMID_STRIDES, norm: str = "bn"):
+    def __init__(self, dim: int, in_stride: int, out_strides=None, norm: str = "bn"):
         super().__init__()
+        out_strides = out_strides or pyramid_strides(in_stride)
         levels = []
         for stride in out_strides:
             steps = _scale_steps(in_stride, stride)
@@ -139,7 +148,7 @@ class BeitPyramid(nn.Module):
             else:
                 levels.append(nn.Identity())
         self.levels = nn.ModuleList(levels)
-        self.strides = [int(s) for s in out_strides]
+        self.strides = list(out_strides)
         self.channels = [dim] * len(levels)
 
     def forward(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -151,8 +160,9 @@ class SimpleFeaturePyramid(nn.Module):
     to each stride, then 1x1 conv + LayerNorm + 3x3 conv + LayerNorm to `out_channels`; plus a stride-2 'pool' level
     for the RPN, keyed '0'..'3', 'pool' as torchvision expects."""
 
-    def __init__(self, dim: int, in_stride: int, out_channels: int = 256, out_strides=PYRAMID_STRIDES):
+    def __init__(self, dim: int, in_stride: int, out_channels: int = 256, out_strides=None):
         super().__init__()
+        out_strides = out_strides or pyramid_strides(in_stride)
         levels = []
         for stride in out_strides:
             steps = _scale_steps(in_stride, stride)
@@ -170,7 +180,7 @@ class SimpleFeaturePyramid(nn.Module):
             levels.append(nn.Sequential(*layers))
         self.levels = nn.ModuleList(levels)
         self.out_channels = out_channels
-        self.strides = [int(s) for s in out_strides] + [int(out_strides[-1]) * 2]
+        self.strides = list(out_strides) + [out_strides[-1] * 2]
 
     def forward(self, x: torch.Tensor) -> OrderedDict:
         out = OrderedDict((str(i), level(x)) for i, level in enumerate(self.levels))
@@ -182,7 +192,7 @@ class DetectionBackbone(nn.Module):
     """Backbone + neck for torchvision detectors: ViT -> simple feature pyramid on the last block; Swin -> FPN on its
     four stages. Returns OrderedDict('0'..'3', 'pool') of `out_channels` maps."""
 
-    def __init__(self, backbone: Backbone, out_channels: int = 256, out_strides=PYRAMID_STRIDES):
+    def __init__(self, backbone: Backbone, out_channels: int = 256, out_strides=None):
         super().__init__()
         self.body = backbone
         if backbone.is_vit:
@@ -194,6 +204,9 @@ class DetectionBackbone(nn.Module):
 
             self.neck = FeaturePyramidNetwork(backbone.channels, out_channels, extra_blocks=LastLevelMaxPool())
             self.strides = backbone.strides + [backbone.strides[-1] * 2]
+        check(all(float(s).is_integer() and int(s) & (int(s) - 1) == 0 for s in self.strides),
+              f"detection levels need power-of-two strides (torchvision's RoIAlign rounds its scales to them), got "
+              f"{self.strides} from patch size {backbone.patch_size}; use a /16 or /8 ViT or a Swin")
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor) -> OrderedDict:

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fdlight.models.pyramid import PYRAMID_STRIDES, Backbone, BeitPyramid, _norm2d
+from fdlight.models.pyramid import Backbone, BeitPyramid, _norm2d
 
 
 def conv_norm_act(cin: int, cout: int, kernel: int, norm: str) -> nn.Sequential:
@@ -73,7 +73,7 @@ class UPerNet(nn.Module):
 
     def __init__(self, backbone: Backbone, num_classes: int, channels: int = 512, aux_channels: int = 256,
                  aux_level: int = 2, norm: str = "bn", pool_scales=(1, 2, 3, 6), dropout: float = 0.1,
-                 out_strides=PYRAMID_STRIDES):
+                 out_strides=None):
         super().__init__()
         self.backbone = backbone
         if backbone.is_vit:

@@ -28,7 +28,11 @@ HEAD_KEYS = ("anchor_sizes", "box_head_dim", "mask_head_dim", "rpn_pre_nms_train
 
 
 def detector(backbone_net, head: dict):
-    body = Backbone(backbone_net, head["indices"])
+    """Mask R-CNN on a timm backbone; a ViT feeds its last block to the simple pyramid unless `indices` says else."""
+    indices = head["indices"]
+    if indices is None and hasattr(backbone_net, "blocks"):
+        indices = [len(backbone_net.blocks) - 1] * 4
+    body = Backbone(backbone_net, indices)
     neck = DetectionBackbone(body, head["fpn_channels"])
     return build_mask_rcnn(neck, head["num_classes"], head["img_size"], **{k: head[k] for k in HEAD_KEYS})
 
@@ -36,8 +40,7 @@ def detector(backbone_net, head: dict):
 def build_detection(cfg: DictConfig, s: DictConfig, num_classes: int):
     """The LightningModule, the backbone architecture, its timm kwargs and the head config (for model.safetensors)."""
     model, arch, kwargs = backbone_model(cfg, s, int(s.img_size), "detect")
-    depth = len(getattr(model, "blocks", []))
-    indices = list(s.indices) if s.get("indices") is not None else ([depth - 1] * 4 if depth else None)
+    indices = list(s.indices) if s.get("indices") is not None else None
     head = dict(indices=indices, num_classes=int(num_classes), img_size=int(s.img_size),
                 fpn_channels=int(s.fpn_channels), anchor_sizes=[int(a) for a in s.anchor_sizes],
                 **{k: int(s[k]) for k in HEAD_KEYS if k != "anchor_sizes"})
