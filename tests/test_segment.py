@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -16,7 +17,7 @@ from conftest import TINY, compose, run_stage
 from fdlight.errors import FDLightError
 from fdlight.models.pyramid import Backbone, BeitPyramid, default_indices
 from fdlight.models.students import build_student, student_kwargs
-from fdlight.models.upernet import UPerNet
+from fdlight.models.upernet import UPerNet, resize_bilinear
 from fdlight.models.weights import export_timm
 from fdlight.modules.segment import SemanticSegmentation, WarmupPoly
 from fdlight.stages.segment import backbone_model, bench, build_segmentation, load_segmenter, segmentation_miou
@@ -252,3 +253,13 @@ def test_bad_label_read_in_a_worker_process_still_gives_one_line(tmp_path):
                    "segment.crop_size=32"], tmp_path / "run")
     message = str(err.value)
     assert "\n" not in message and message.startswith("label map ") and "holds class 200" in message
+
+
+def test_matmul_resize_equals_bilinear_interpolation_both_ways():
+    torch.manual_seed(0)
+    for shape, size in [((2, 3, 8, 8), (32, 32)), ((1, 2, 6, 6), (2, 2)), ((2, 4, 3, 9), (13, 50)), ((1, 1, 1, 1), (4, 4))]:
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        ours, ref = resize_bilinear(x, size), F.interpolate(x, size, mode="bilinear", align_corners=False)
+        assert torch.allclose(ours, ref, atol=1e-10)
+        g = torch.randn_like(ref)
+        assert torch.allclose(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-10)

@@ -13,14 +13,32 @@ import torch.nn.functional as F
 
 from fdlight.models.pyramid import Backbone, BeitPyramid, _norm2d
 
+IGNORE = 255  # unscored pixels, as fdlight.data.dense.IGNORE (repeated: the GPU check needs torch + timm only)
+
 
 def conv_norm_act(cin: int, cout: int, kernel: int, norm: str) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, kernel, padding=kernel // 2, bias=False), _norm2d(norm, cout),
                          nn.ReLU(inplace=True))
 
 
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+def _interp_matrix(n_in: int, n_out: int, device, dtype) -> torch.Tensor:
+    """(n_out, n_in) matrix of 1-D linear interpolation with align_corners=False (PyTorch's bilinear rule)."""
+    pos = ((torch.arange(n_out, device=device, dtype=torch.float64) + 0.5) * n_in / n_out - 0.5).clamp(min=0)
+    lo = pos.floor().long().clamp(max=n_in - 1)
+    hi = (lo + 1).clamp(max=n_in - 1)
+    w = (pos - lo).clamp(0, 1)
+    m = torch.zeros(n_out, n_in, device=device, dtype=torch.float64)
+    m[torch.arange(n_out), lo] += 1 - w
+    m[torch.arange(n_out), hi] += w
+    return m.to(dtype)
+
+
+def resize_bilinear(x: torch.Tensor, size) -> torch.Tensor:
+    """F.interpolate(x, size, mode='bilinear', align_corners=False) as two matmuls: the same values, but a GEMM
+    backward instead of atomic adds, which made the upsampling the slowest part of a GPU training step."""
+    h, w = x.shape[-2:]
+    mh, mw = _interp_matrix(h, size[0], x.device, x.dtype), _interp_matrix(w, size[1], x.device, x.dtype)
+    return mh @ x @ mw.T
 
 
 class PyramidPooling(nn.Module):
@@ -33,7 +51,7 @@ class PyramidPooling(nn.Module):
         self.bottleneck = conv_norm_act(cin + len(scales) * channels, channels, 3, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = [_resize(stage(x), x.shape[-2:]) for stage in self.stages]
+        pooled = [resize_bilinear(stage(x), x.shape[-2:]) for stage in self.stages]
         return self.bottleneck(torch.cat([x, *pooled], dim=1))
 
 
@@ -50,10 +68,11 @@ class UPerHead(nn.Module):
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
         lat = [conv(f) for conv, f in zip(self.lateral, feats[:-1])] + [self.ppm(feats[-1])]
         for i in range(len(lat) - 1, 0, -1):  # top-down pathway
-            lat[i - 1] = lat[i - 1] + _resize(lat[i], lat[i - 1].shape[-2:])
+            lat[i - 1] = lat[i - 1] + resize_bilinear(lat[i], lat[i - 1].shape[-2:])
         outs = [conv(x) for conv, x in zip(self.smooth, lat[:-1])] + [lat[-1]]
         size = outs[0].shape[-2:]
-        return self.classifier(self.fuse(torch.cat([outs[0]] + [_resize(o, size) for o in outs[1:]], dim=1)))
+        fused = torch.cat([outs[0]] + [resize_bilinear(o, size) for o in outs[1:]], dim=1)
+        return self.classifier(self.fuse(fused))
 
 
 class FCNHead(nn.Module):
@@ -97,3 +116,15 @@ class UPerNet(nn.Module):
         if self.training and self.aux_head is not None:
             return logits, self.aux_head(feats[self.aux_level])
         return logits
+
+
+def segmentation_loss(out, y: torch.Tensor, aux_weight: float = 0.4) -> torch.Tensor:
+    """Cross-entropy (255 ignored) of logits upsampled to the label size, plus the weighted auxiliary term; in fp32
+    (autocast off), as the upsampled logits are the loss's input."""
+    logits, aux = out if isinstance(out, tuple) else (out, None)
+    size = y.shape[-2:]
+    with torch.autocast(y.device.type, enabled=False):
+        loss = F.cross_entropy(resize_bilinear(logits.float(), size), y, ignore_index=IGNORE)
+        if aux is not None and aux_weight:
+            loss = loss + aux_weight * F.cross_entropy(resize_bilinear(aux.float(), size), y, ignore_index=IGNORE)
+    return loss

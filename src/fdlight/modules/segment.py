@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from fdlight.data.dense import IGNORE
 from fdlight.errors import FDLightError
-from fdlight.models.upernet import UPerNet
+from fdlight.models.upernet import UPerNet, segmentation_loss
 from fdlight.optim import adamw_with_schedule, param_groups
 
 
@@ -64,18 +64,6 @@ def clip_gradients(module: L.LightningModule, optimizer, max_norm) -> None:
     if max_norm:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         module.log("train/grad_norm", torch.nn.utils.clip_grad_norm_(params, float(max_norm)))
-
-
-def segmentation_loss(out, y: torch.Tensor, aux_weight: float = 0.4) -> torch.Tensor:
-    """Cross-entropy (255 ignored, fp32) of logits upsampled to the label size, plus the weighted auxiliary term."""
-    logits, aux = out if isinstance(out, tuple) else (out, None)
-    size = y.shape[-2:]
-    loss = F.cross_entropy(F.interpolate(logits, size, mode="bilinear", align_corners=False).float(), y,
-                           ignore_index=IGNORE)
-    if aux is not None and aux_weight:
-        up = F.interpolate(aux, size, mode="bilinear", align_corners=False).float()
-        loss = loss + aux_weight * F.cross_entropy(up, y, ignore_index=IGNORE)
-    return loss
 
 
 # ------------------------------------------------------------------------------------------------------ module
