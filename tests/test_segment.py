@@ -257,7 +257,8 @@ def test_bad_label_read_in_a_worker_process_still_gives_one_line(tmp_path):
 
 def test_matmul_resize_equals_bilinear_interpolation_both_ways():
     torch.manual_seed(0)
-    for shape, size in [((2, 3, 8, 8), (32, 32)), ((1, 2, 6, 6), (2, 2)), ((2, 4, 3, 9), (13, 50)), ((1, 1, 1, 1), (4, 4))]:
+    cases = [((2, 3, 8, 8), (32, 32)), ((1, 2, 6, 6), (2, 2)), ((2, 4, 3, 9), (13, 50)), ((1, 1, 1, 1), (4, 4))]
+    for shape, size in cases:
         x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
         ours, ref = resize_bilinear(x, size), F.interpolate(x, size, mode="bilinear", align_corners=False)
         assert torch.allclose(ours, ref, atol=1e-10)
