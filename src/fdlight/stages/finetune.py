@@ -73,7 +73,8 @@ def load_head(model: nn.Module, path: Path, arch: Architecture, num_classes: int
                               f"finetune.keep_head=false to train a fresh one")
     check(weight.shape[0] == num_classes,
           f"the classifier head in {path} has {weight.shape[0]} classes but the data has {num_classes}; set "
-          f"finetune.keep_head=false to train a fresh {num_classes}-class head, or use the {weight.shape[0]}-class data")
+          f"finetune.keep_head=false to train a fresh {num_classes}-class head, or use the {weight.shape[0]}-class "
+          f"data")
     result = model.load_state_dict(found, strict=False)
     check(not result.unexpected_keys, f"{path}: head keys {result.unexpected_keys[:4]} do not fit {arch.timm_model}")
 
@@ -86,8 +87,8 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Arch
     pool = f.get("global_pool") or ""
     path = Path(str(f.pretrained)).expanduser() if f.get("pretrained") else None
     if path is None:
-        check(bool(f.get("scratch")), "finetune.pretrained is not set; pass finetune.pretrained=<run>/student.safetensors"
-                                      " (or a teacher's weights file with teacher=<its config>), or "
+        check(bool(f.get("scratch")), "finetune.pretrained is not set; pass finetune.pretrained=<run>/student."
+                                      "safetensors (or a teacher's weights file with teacher=<its config>), or "
                                       "finetune.scratch=teacher|student to train from random weights")
         arch = scratch_architecture(cfg, f.scratch)
         model, arch = build_from_pretrained(None, num_classes, drop_path, arch=arch, pool=pool, **overrides)
@@ -119,7 +120,7 @@ def optim_dict(stage_cfg: DictConfig) -> dict:
     return OmegaConf.to_container(stage_cfg, resolve=True)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     f = cfg.finetune
     data = classification_data(cfg, int(f.batch_size))
@@ -133,7 +134,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     module = FineTune(model, num_classes, optim_dict(f), mixup, ema_decay=f.get("ema"))
     resume = prepare_run_dir(cfg, run_dir)
     meter = Throughput()
-    trainer = build_trainer(cfg, f, run_dir, callbacks=[meter], wrap_classes=block_types(model),
+    trainer = build_trainer(cfg, f, run_dir, callbacks=[meter, *callbacks], wrap_classes=block_types(model),
                             checkpoint_every=f.checkpoint_every_n_steps, validate=True)
     start = time.perf_counter()
     val = fit_and_validate(trainer, module, data, resume)

@@ -1,6 +1,7 @@
-"""stage=linear: linear probe on frozen features (fd-method.md §2.5): the backbone as fine-tuning builds it (mean-pooled
-patch tokens through a fresh, identity fc_norm), drop path 0, frozen and in eval mode; a BatchNorm without affine
-then a Linear are the only trained parameters. Writes `head.safetensors`, `metrics.json` and the checkpoints."""
+"""stage=linear: linear probe on frozen features (fd-method.md §2.5): the backbone as fine-tuning builds it
+(mean-pooled patch tokens through a fresh, identity fc_norm), drop path 0, frozen and in eval mode; a BatchNorm
+without affine then a Linear are the only trained parameters. Writes `head.safetensors`, `metrics.json` and the
+checkpoints."""
 from __future__ import annotations
 
 import logging
@@ -23,7 +24,7 @@ from fdlight.stages.finetune import attach_transforms, classification_data, fit_
 log = logging.getLogger(__name__)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     c = cfg.linear
     check(bool(c.get("pretrained")), "linear.pretrained is not set; pass linear.pretrained=<run>/student.safetensors "
@@ -39,7 +40,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     module = LinearProbe(backbone, num_classes, optim_dict(c))
     resume = prepare_run_dir(cfg, run_dir)
     meter = Throughput()
-    trainer = build_trainer(cfg, c, run_dir, callbacks=[meter], checkpoint_every=c.checkpoint_every_n_steps,
+    trainer = build_trainer(cfg, c, run_dir, callbacks=[meter, *callbacks], checkpoint_every=c.checkpoint_every_n_steps,
                             validate=True)
     start = time.perf_counter()
     val = fit_and_validate(trainer, module, data, resume)

@@ -135,10 +135,11 @@ def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict) -> 
     n = int(cfg.data.get("num_val") or 0)
     noise = f" (one seed, {n} validation images: about ±{200 * math.sqrt((t * (1 - t) + s * (1 - s)) / n):.1f} " \
             f"points is sampling noise at 2 standard errors)" if n else " (one seed)"
+    ft = OmegaConf.merge(cfg.finetune, cfg.pipeline.finetune)
     return "\n".join([
         "# fdlight pipeline results", "",
-        f"Data: {cfg.data.name}; student: {cfg.student.name}; "
-        f"fine-tuning: {cfg.finetune.epochs} epochs each, same recipe for every row.", "",
+        f"Data: {cfg.data.name} ({cfg.data.get('num_train', '?')} train / {n or '?'} val images); "
+        f"step 3: the same fine-tuning recipe and budget for every run, {ft.epochs} epochs each.", "",
         *rows, "",
         f"FD student fine-tuned minus teacher fine-tuned: {100 * (s - t):+.1f} points top-1{noise}.",
         f"Total wall time: {metrics['total_wall_s']:.0f} s.", "",
