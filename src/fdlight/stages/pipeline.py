@@ -56,15 +56,23 @@ def run_step(name: str, sub: DictConfig, run_dir: Path, resume: bool) -> dict:
     log.info("pipeline: %s (stage=%s) in %s", name, sub.stage, step_dir)
     start = time.perf_counter()
     metrics = run_stage(sub, step_dir)
-    metrics["step_wall_s"] = time.perf_counter() - start
-    (step_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    metrics["step_wall_s"] = time.perf_counter() - start  # model building and data set-up included
+    write_metrics(step_dir, metrics)
     return metrics
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    threads = torch.get_num_threads()
+    if cfg.pipeline.get("num_threads"):
+        torch.set_num_threads(int(cfg.pipeline.num_threads))
+    try:
+        return run_steps(cfg, run_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
     p = cfg.pipeline
-    if p.get("num_threads"):
-        torch.set_num_threads(int(p.num_threads))
     resume = bool(cfg.get("resume"))
     if not resume:
         prepare_run_dir(cfg, run_dir)
