@@ -20,7 +20,8 @@ from fdlight.models.pyramid import Backbone, DetectionBackbone
 from fdlight.models.weights import read_export_metadata, read_state_dict
 from fdlight.modules.detect import InstanceSegmentation, build_mask_rcnn
 from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
-from fdlight.stages.segment import backbone_model, fit_and_validate, optim_config, palette, rebuild_backbone, save_model
+from fdlight.stages.segment import (backbone_model, cpu_threads, fit_and_validate, optim_config, palette,
+                                    rebuild_backbone, save_model)
 
 log = logging.getLogger(__name__)
 HEAD_KEYS = ("anchor_sizes", "box_head_dim", "mask_head_dim", "rpn_pre_nms_train", "rpn_post_nms_train",
@@ -112,6 +113,7 @@ def plot_detections(module: InstanceSegmentation, dataset, classes: list[str], p
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     s = cfg.detect
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cpu_threads(cfg, s)
     data = DetectionData(cfg.data, s.batch_size, s.img_size, s.scale_range, s.eval_batch_size)
     data.setup()
     module, arch, kwargs, head = build_detection(cfg, s, data.num_classes)

@@ -70,6 +70,13 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return devices * int(trainer_cfg.num_nodes)
 
 
+def cpu_threads(cfg: DictConfig, s: DictConfig) -> None:
+    """On a CPU run, use `<stage>.num_threads` intra-op threads (null: keep torch's default)."""
+    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and s.get("num_threads"):
+        torch.set_num_threads(int(s.num_threads))
+
+
 def user_error(e: FDLightError) -> FDLightError:
     """A data error raised in a DataLoader worker comes back wrapped in its traceback: keep its one line."""
     text = str(e)
@@ -182,6 +189,7 @@ def plot_predictions(module: SemanticSegmentation, dataset, path: Path, count: i
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     s = cfg.segment
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    cpu_threads(cfg, s)
     data = SegmentationData(cfg.data, s.batch_size, s.crop_size, s.ratio_range, s.cat_max_ratio, s.photometric,
                             s.eval_batch_size)
     data.setup()
