@@ -301,3 +301,16 @@ def test_synthetic_scenes_feed_both_tasks():
         assert shapes.sum() == sum(int(m.sum()) for m in target["masks"])       # instances tile the shape pixels
         for mask, lab in zip(target["masks"].bool().numpy(), target["labels"].tolist()):
             assert (label[mask] == lab - 1).all()                              # detector 1..K = semantic 0..K-1
+
+
+def test_cli_prints_one_line_for_a_bad_data_root(tmp_path):
+    from conftest import run_cli
+
+    root = write_ade20k(tmp_path / "data")
+    (root / "annotations").rename(root / "labels")
+    res = run_cli(["stage=segment", "data=ade20k", f"data.root={root}", "trainer=cpu",
+                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("fdlight: error:")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
+    assert "has no annotations/ folder" in errors[0]
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -166,3 +166,12 @@ def test_recipes_build_at_their_full_size(experiment):
     if body.is_vit:
         assert body.take == ([len(body.model.blocks) - 1] if experiment.startswith("det") else [3, 5, 7, 11]
                              if "vitb16" in experiment else [7, 11, 15, 23])
+
+
+def test_swin_student_trains_through_the_detection_stage(tmp_path):
+    from test_segment import SWIN
+
+    metrics = run_stage([*FAST, *SWIN], tmp_path / "run")
+    assert metrics["steps"] == 1 and metrics["backbone"].startswith("swinv2")
+    model = load_detector(tmp_path / "run" / "model.safetensors")
+    assert model.backbone.strides == [4, 8, 16, 32, 64] and not model.backbone.body.is_vit

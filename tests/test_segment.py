@@ -264,3 +264,15 @@ def test_matmul_resize_equals_bilinear_interpolation_both_ways():
         assert torch.allclose(ours, ref, atol=1e-10)
         g = torch.randn_like(ref)
         assert torch.allclose(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-10)
+
+
+SWIN = ["student=swinv2_b", "+student.kwargs.embed_dim=16", "+student.kwargs.depths=[1,1,2,1]",
+        "+student.kwargs.num_heads=[1,2,2,4]"]
+
+
+def test_swin_student_trains_through_the_stage_and_reloads(tmp_path):
+    metrics = run_stage([*FAST, *SWIN], tmp_path / "run")
+    assert metrics["steps"] == 1 and metrics["backbone"].startswith("swinv2")
+    model = load_segmenter(tmp_path / "run" / "model.safetensors")
+    assert not model.backbone.is_vit and model.strides == [4, 8, 16, 32]
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10, 16, 16)
