@@ -276,3 +276,9 @@ def test_swin_student_trains_through_the_stage_and_reloads(tmp_path):
     model = load_segmenter(tmp_path / "run" / "model.safetensors")
     assert not model.backbone.is_vit and model.strides == [4, 8, 16, 32]
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 10, 16, 16)
+
+
+def test_the_cpu_thread_setting_lasts_only_for_the_run(tmp_path):
+    before = torch.get_num_threads()
+    run_stage([*FAST, "segment.num_threads=1"], tmp_path / "run")
+    assert torch.get_num_threads() == before

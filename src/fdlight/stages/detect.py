@@ -111,9 +111,13 @@ def plot_detections(module: InstanceSegmentation, dataset, classes: list[str], p
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    with cpu_threads(cfg, cfg.detect):
+        return train_detection(cfg, run_dir)
+
+
+def train_detection(cfg: DictConfig, run_dir: Path) -> dict:
     s = cfg.detect
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    cpu_threads(cfg, s)
     data = DetectionData(cfg.data, s.batch_size, s.img_size, s.scale_range, s.eval_batch_size)
     data.setup()
     module, arch, kwargs, head = build_detection(cfg, s, data.num_classes)

@@ -8,6 +8,7 @@ pretraining).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -70,11 +71,17 @@ def world_size(trainer_cfg: DictConfig) -> int:
     return devices * int(trainer_cfg.num_nodes)
 
 
-def cpu_threads(cfg: DictConfig, s: DictConfig) -> None:
-    """On a CPU run, use `<stage>.num_threads` intra-op threads (null: keep torch's default)."""
+@contextlib.contextmanager
+def cpu_threads(cfg: DictConfig, s: DictConfig):
+    """On a CPU run, use `<stage>.num_threads` intra-op threads (null: torch's default) while the stage runs."""
+    before = torch.get_num_threads()
     on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
     if on_cpu and s.get("num_threads"):
         torch.set_num_threads(int(s.num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def user_error(e: FDLightError) -> FDLightError:
@@ -187,9 +194,13 @@ def plot_predictions(module: SemanticSegmentation, dataset, path: Path, count: i
 
 # -------------------------------------------------------------------------------------------------------- stage
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    with cpu_threads(cfg, cfg.segment):
+        return train_segmentation(cfg, run_dir)
+
+
+def train_segmentation(cfg: DictConfig, run_dir: Path) -> dict:
     s = cfg.segment
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    cpu_threads(cfg, s)
     data = SegmentationData(cfg.data, s.batch_size, s.crop_size, s.ratio_range, s.cat_max_ratio, s.photometric,
                             s.eval_batch_size)
     data.setup()
