@@ -282,3 +282,17 @@ def test_the_cpu_thread_setting_lasts_only_for_the_run(tmp_path):
     before = torch.get_num_threads()
     run_stage([*FAST, "segment.num_threads=1"], tmp_path / "run")
     assert torch.get_num_threads() == before
+
+
+def test_a_teachers_own_weights_fine_tune_as_the_baseline(tmp_path):
+    """The paper's baseline: the teacher's weights file (no fdlight metadata), its architecture from teacher=tiny;
+    a ViT with an absolute position embedding, resized to the crop by timm's filter."""
+    from fdlight.models.teachers import build_teacher
+
+    cfg = compose(TINY)
+    teacher = build_teacher(cfg.teacher)
+    torch.save(teacher.model.state_dict(), tmp_path / "teacher.pth")
+    metrics = run_stage([*FAST, f"segment.pretrained={tmp_path / 'teacher.pth'}"], tmp_path / "run")
+    assert metrics["backbone"] == "vit_tiny_patch16_224" and metrics["steps"] == 1
+    model = load_segmenter(tmp_path / "run" / "model.safetensors")
+    assert model.backbone.model.pos_embed.shape[1] == 1 + 8 * 8  # 32 px / 8 -> 64 px / 8

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fdlight.data.dense import IGNORE, reduce_zero_label
+from fdlight.data.dense import IGNORE, name_some, reduce_zero_label
 from fdlight.errors import FDLightError, check
 
 RELEASE = "ADEChallengeData2016"
@@ -26,10 +26,6 @@ def ade20k_root(root) -> Path:
     return root
 
 
-def _list(names: list[str], limit: int = 3) -> str:
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 class ADE20K:
     """(image, label) pairs of one split, label maps reduced to 0..K-1 with 255 ignored. Layout, pairing and sizes
     (read from the file headers) are checked when the set is built; label values when a map is read."""
@@ -45,7 +41,7 @@ class ADE20K:
         missing = [p.name for p in images if not (ann_dir / (p.stem + ".png")).is_file()]
         if missing:
             raise FDLightError(f"{len(missing)} images in {img_dir} have no label map in {ann_dir}: "
-                               f"{_list(missing)}; add <name>.png for each or remove the images")
+                               f"{name_some(missing)}; add <name>.png for each or remove the images")
         self.samples = [(p, ann_dir / (p.stem + ".png")) for p in images]
         self.check_sizes()
 

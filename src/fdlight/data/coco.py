@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fdlight.data.ade20k import _list
+from fdlight.data.dense import name_some
 from fdlight.errors import FDLightError, check
 
 
@@ -87,7 +87,7 @@ class CocoDetection:
         missing = [img["file_name"] for img in data["images"] if img["file_name"] not in on_disk]
         if missing:
             raise FDLightError(f"{self.ann_file} references {len(missing)} images missing from {self.image_dir}: "
-                               f"{_list(missing)}; restore them or remove their entries from the json")
+                               f"{name_some(missing)}; restore them or remove their entries from the json")
         ids = sorted(self.images)
         empty = [i for i in ids if not any(not a.get("iscrowd", 0) for a in self.anns[i])]
         self.empty_images = len(empty)

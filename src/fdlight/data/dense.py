@@ -29,6 +29,11 @@ def reduce_zero_label(label: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def name_some(names: list[str], limit: int = 3) -> str:
+    """The first few names of a list, for error messages."""
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def collate_lists(batch):
     """Batches of differently sized samples: a tuple of images and a tuple of targets."""
     return tuple(zip(*batch))

@@ -129,14 +129,14 @@ def train_detection(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     fit_and_validate(trainer, module, data, resume)
     wall = time.perf_counter() - start
-    metrics = {"stage": "detect", "backbone": arch.timm_model, "pretrained": str(s.pretrained),
+    metrics = {"stage": "detect", "backbone": arch.timm_model, "pretrained": str(s.pretrained or "") or None,
                "data": cfg.data.name, "num_classes": data.num_classes, "img_size": int(s.img_size),
                **module.val_results, **data.image_counts, "first_loss": module.first_loss,
                "last_loss": module.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
                "wall_s": wall}
     if trainer.is_global_zero:
         save_model(module.model, run_dir / "model.safetensors", "detect", arch, kwargs, head, data=cfg.data.name,
-                   pretrained=s.pretrained, classes=json.dumps(data.classes))
+                   pretrained=s.pretrained or "", classes=json.dumps(data.classes))
         write_metrics(run_dir, metrics)
         plot_detections(module, data.val_set, data.classes, run_dir / "predictions.png", s.num_vis)
         log.info("detection on %s: box mAP %.4f, mask mAP %.4f after %d steps (%.0f s); model at %s", cfg.data.name,

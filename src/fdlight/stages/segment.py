@@ -219,14 +219,14 @@ def train_segmentation(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.perf_counter()
     fit_and_validate(trainer, module, data, resume)
     wall = time.perf_counter() - start
-    metrics = {"stage": "segment", "backbone": arch.timm_model, "pretrained": str(s.pretrained),
+    metrics = {"stage": "segment", "backbone": arch.timm_model, "pretrained": str(s.pretrained or "") or None,
                "data": cfg.data.name, "num_classes": data.num_classes, "eval_mode": s.eval_mode,
                "crop_size": int(s.crop_size), **module.val_results, "first_loss": module.first_loss,
                "last_loss": module.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
                "wall_s": wall}
     if trainer.is_global_zero:
         save_model(module.model, run_dir / "model.safetensors", "segment", arch, kwargs, head,
-                   data=cfg.data.name, pretrained=s.pretrained)
+                   data=cfg.data.name, pretrained=s.pretrained or "")
         write_metrics(run_dir, metrics)
         plot_predictions(module, data.val_set, run_dir / "predictions.png", s.num_vis)
         log.info("segmentation on %s: mIoU %.4f after %d steps (%.0f s); model at %s", cfg.data.name,
