@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import time
 from importlib import resources
 from pathlib import Path
@@ -29,8 +28,8 @@ from fdlight.models.pretrained import Architecture, build_from_pretrained, downs
 from fdlight.models.pyramid import Backbone
 from fdlight.models.students import check_drop_path, student_kwargs
 from fdlight.models.upernet import UPerNet
-from fdlight.models.weights import atomic_save_safetensors, read_export_metadata, read_state_dict
 from fdlight.models.upernet_gpu_check import bench, main as gpu_check_main  # noqa: F401 - bench re-exported
+from fdlight.models.weights import atomic_save_safetensors, read_export_metadata, read_state_dict
 from fdlight.modules.segment import SemanticSegmentation
 from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
 
@@ -167,12 +166,13 @@ def plot_predictions(module: SemanticSegmentation, dataset, path: Path, count: i
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     count = min(int(count), len(dataset))
     if count <= 0:
         return
     colours = palette(module.model.num_classes)
-    fig, axes = plt.subplots(count, 3, figsize=(7.5, 2.6 * count), squeeze=False)
+    fig, axes = plt.subplots(count, 3, figsize=(8.6, 2.6 * count), squeeze=False)
     module.eval()
     for row in range(count):
         image, label = dataset[row]
@@ -187,6 +187,9 @@ def plot_predictions(module: SemanticSegmentation, dataset, path: Path, count: i
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.axis("off")
+        shown_classes = torch.cat([label[scored], pred[scored]]).bincount().nonzero().flatten()[:8].tolist()
+        axes[row][-1].legend(handles=[Patch(color=colours[k] / 255.0, label=f"class {k}") for k in shown_classes],
+                             loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
