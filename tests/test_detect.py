@@ -174,3 +174,16 @@ def test_swin_student_trains_through_the_detection_stage(tmp_path):
     assert metrics["steps"] == 1 and metrics["backbone"].startswith("swinv2")
     model = load_detector(tmp_path / "run" / "model.safetensors")
     assert model.backbone.strides == [4, 8, 16, 32, 64] and not model.backbone.body.is_vit
+
+
+def test_detector_layer_decay_reaches_the_backbone_only():
+    cfg = compose(["stage=detect", "detect.layer_decay=0.5", "detect.warmup_steps=0"])
+    module, *_ = build_detection(cfg, cfg.detect, 10)
+    opt = module.optimizer(total_steps=10)["optimizer"]
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    named = dict(module.model.named_parameters())
+    peak = cfg.detect.lr  # tiny student: 2 blocks, 4 layers
+    assert by_param[id(named["backbone.body.model.patch_embed.proj.weight"])] == pytest.approx(peak * 0.5 ** 3)
+    assert by_param[id(named["backbone.body.model.blocks.1.mlp.fc1.weight"])] == pytest.approx(peak * 0.5)
+    assert by_param[id(named["backbone.neck.levels.0.0.weight"])] == pytest.approx(peak)
+    assert by_param[id(named["roi_heads.box_predictor.cls_score.weight"])] == pytest.approx(peak)

@@ -92,9 +92,7 @@ def test_layer_ids_follow_the_official_rule():
 def test_layer_decay_really_scales_the_learning_rates():
     cfg = compose(["stage=segment", "segment.layer_decay=0.5", "segment.warmup_steps=0"])
     module, *_ = build_segmentation(cfg, cfg.segment, 10)
-    trainer = type("T", (), {"estimated_stepping_batches": 10})()
-    module._trainer = trainer
-    opt = module.configure_optimizers()["optimizer"]
+    opt = module.optimizer(total_steps=10)["optimizer"]
     by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
     named = dict(module.model.named_parameters())
     peak = cfg.segment.lr

@@ -153,7 +153,8 @@ class SemanticSegmentation(L.LightningModule):
         self.val_results, self.val_step = results, self.global_step
 
     # ---------------------------------------------------------------------------------------------- optimizer
-    def configure_optimizers(self):
+    def optimizer(self, total_steps: int) -> dict:
+        """AdamW with layer decay over the backbone's layers (decoder at scale 1) and its per-step schedule."""
         bb = self.model.backbone
 
         def layer_of(name: str) -> int:
@@ -161,7 +162,10 @@ class SemanticSegmentation(L.LightningModule):
             return bb.layer_id(name[len(prefix):]) if name.startswith(prefix) else bb.num_layers - 1
 
         return dense_optimizer(list(self.model.named_parameters()), self.optim_cfg, layer_of, bb.num_layers,
-                               int(self.trainer.estimated_stepping_batches), fused=self.device.type == "cuda")
+                               total_steps, fused=self.device.type == "cuda")
+
+    def configure_optimizers(self):
+        return self.optimizer(int(self.trainer.estimated_stepping_batches))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))
