@@ -104,6 +104,18 @@ def test_a_fine_tuned_model_reloads_with_its_head_and_the_class_count_is_checked
                   finetuned.parent / "five")
 
 
+def test_a_teachers_raw_weights_file_fine_tunes_with_the_teacher_configs_architecture(tmp_path):
+    raw = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2)
+    torch.save({"model": raw.state_dict()}, tmp_path / "teacher.pth")  # 1000-class head, wrapped, no metadata
+    overrides = [*SMALL, "teacher=tiny", f"finetune.pretrained={tmp_path / 'teacher.pth'}"]
+    model, arch, kwargs, _ = build_classifier(compose([*TINY, *overrides]), 10)
+    assert arch.timm_model == "vit_tiny_patch16_224" and model.head.out_features == 10
+    assert torch.equal(model.blocks[1].mlp.fc1.weight, raw.blocks[1].mlp.fc1.weight)
+    assert kwargs["global_pool"] == "avg" and model.fc_norm is not None  # mean pooling + fresh fc_norm, as for FD
+    metrics = run_stage([*overrides, "finetune.max_steps=2"], tmp_path / "run")
+    assert metrics["steps"] == 2 and metrics["model"] == "vit_tiny_patch16_224"
+
+
 def test_keep_head_on_a_headless_student_says_so(student_file, tmp_path):
     with pytest.raises(FDLightError, match="has no classifier head"):
         run_stage([*SMALL, f"finetune.pretrained={student_file}", "finetune.keep_head=true"], tmp_path / "r")

@@ -96,8 +96,6 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
         runs["finetune_scratch"] = {"pretrained": None, "scratch": "student"}
     for i, (name, source) in enumerate(runs.items()):
         sub = sub_config(cfg, "finetune", {"finetune": {**dict(p.finetune), **source}})
-        if not p.train_teacher and name == "finetune_teacher":
-            sub.teacher = teacher_cfg
         steps[name] = run_step(f"3{'abc'[i]}_{name}", sub, run_dir, resume)
     metrics = summarize(steps)
     text = results_markdown(cfg, steps, metrics)
