@@ -21,6 +21,7 @@ from fdlight.models.students import check_drop_path, student_kwargs
 from fdlight.models.weights import ADAPTERS, classifier_prefixes, export_timm, read_state_dict
 from fdlight.modules.classify import Classifier, FineTune
 from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
+from fdlight.stages.segment import cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,11 @@ def optim_dict(stage_cfg: DictConfig) -> dict:
 
 
 def run(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
+    with cpu_threads(cfg, cfg.finetune):
+        return finetune(cfg, run_dir, callbacks)
+
+
+def finetune(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     f = cfg.finetune
     data = classification_data(cfg, int(f.batch_size))

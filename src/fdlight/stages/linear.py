@@ -20,11 +20,17 @@ from fdlight.models.weights import atomic_save_safetensors
 from fdlight.modules.classify import LinearProbe
 from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
 from fdlight.stages.finetune import attach_transforms, classification_data, fit_and_validate, optim_dict
+from fdlight.stages.segment import cpu_threads
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
+    with cpu_threads(cfg, cfg.linear):
+        return probe(cfg, run_dir, callbacks)
+
+
+def probe(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     c = cfg.linear
     check(bool(c.get("pretrained")), "linear.pretrained is not set; pass linear.pretrained=<run>/student.safetensors "

@@ -16,7 +16,6 @@ import time
 from importlib import resources
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -24,6 +23,7 @@ from fdlight.errors import check
 from fdlight.models.weights import atomic_write_text, read_export_metadata
 from fdlight.stages import run as run_stage
 from fdlight.stages.common import prepare_run_dir, write_metrics
+from fdlight.stages.segment import cpu_threads
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,8 @@ def run_step(name: str, sub: DictConfig, run_dir: Path, resume: bool) -> dict:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    threads = torch.get_num_threads()
-    if cfg.pipeline.get("num_threads"):
-        torch.set_num_threads(int(cfg.pipeline.num_threads))
-    try:
+    with cpu_threads(cfg, cfg.pipeline):
         return run_steps(cfg, run_dir)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
