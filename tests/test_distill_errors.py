@@ -113,3 +113,16 @@ def test_unreadable_image_is_an_error_when_strict(tmp_path):
     with pytest.raises(FDLightError, match=r"unreadable image .*broken_0.JPEG"):
         run_stage(["data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.strict=true", "data.num_workers=0",
                    "distill.batch_size=9", "distill.epochs=1"], tmp_path / "run")
+
+
+def test_a_failed_start_leaves_no_run_behind(tmp_path):
+    run_dir = tmp_path / "run"
+    line = error_line(run_cli([*FAST, "student.img_size=64", f"hydra.run.dir={run_dir}"], cwd=tmp_path))
+    assert "token grids differ" in line
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+    assert run_cli([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0  # the fixed command may reuse it
+
+
+def test_folder_data_without_a_root_says_which_option_to_set(tmp_path):
+    line = error_line(run_cli([*FOLDER, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
+    assert "data=imagenet needs data.root=" in line

@@ -118,7 +118,7 @@ def test_drop_path_sweep_runs_one_job_per_value(tmp_path):
 
 def test_a_killed_run_resumes_at_its_step_count(tmp_path):
     run_dir = tmp_path / "run"
-    args = [*TINY, "data.num_train=64", "distill.batch_size=8", "distill.epochs=40",
+    args = [*TINY, "data.num_train=64", "distill.batch_size=8", "distill.epochs=15",
             "distill.checkpoint_every_n_steps=5", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "fdlight", *args], cwd=tmp_path, env=env,
@@ -133,10 +133,10 @@ def test_a_killed_run_resumes_at_its_step_count(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    assert 10 <= killed_at < 320 and not (run_dir / "metrics.json").exists()
+    assert 10 <= killed_at < 120 and not (run_dir / "metrics.json").exists()
     res = run_cli([*args, "resume=true"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 40 * 8
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 15 * 8
     resumed_log = sorted((run_dir / "logs").glob("version_*/metrics.csv"))[-1].read_text().splitlines()
     first_step = int(resumed_log[1].split(",")[resumed_log[0].split(",").index("step")])
     assert first_step >= killed_at  # continued, not restarted

@@ -56,7 +56,7 @@ def test_module_step_equals_manual_recomputation():
     target = whiten_by_hand(t.detach())
     pred = module.projector(module.student.forward_features(x))
     expected = smooth_l1_by_hand(pred.detach(), target, beta=2.0)
-    assert abs(module.distill_loss(x).item() - expected) < 1e-5
+    assert abs(module.distill_loss(x).item() - expected) < 1e-4 * expected  # fp32 sums in another order
 
 
 def test_teacher_input_is_renormalised_to_the_teachers_statistics():

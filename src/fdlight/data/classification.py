@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from fdlight.data.folders import SafeImageFolder, class_folder
 from fdlight.data.synthetic import SyntheticClassification
-from fdlight.errors import FDLightError
+from fdlight.errors import FDLightError, check
 
 
 class ClassificationData(L.LightningDataModule):
@@ -35,6 +35,9 @@ class ClassificationData(L.LightningDataModule):
                 self.val_set = SyntheticClassification("val", c.num_val, c.raw_size, c.num_classes, c.seed,
                                                        self.val_transform)
         else:
+            check(not OmegaConf.is_missing(c, "root") and bool(c.root),
+                  f"data={c.name} needs data.root=<folder holding train/<class>/<image>"
+                  f"{' and val/<class>/<image>' if self.with_val else ''}>")
             self.train_set = SafeImageFolder(class_folder(c.root, "train"), self.train_transform, c.strict)
             if self.with_val:
                 self.val_set = SafeImageFolder(class_folder(c.root, "val"), self.val_transform, c.strict)
@@ -45,6 +48,13 @@ class ClassificationData(L.LightningDataModule):
         if len(self.train_set) < self.batch_size:
             raise FDLightError(f"the training set has {len(self.train_set)} images, fewer than one batch of "
                                f"{self.batch_size}; lower the stage's batch_size or add images")
+
+    def set_transforms(self, train, val=None) -> None:
+        """Attach transforms after setup (a stage may need the class count before it can build them)."""
+        self.train_transform, self.val_transform = train, val
+        for dataset, tf in ((self.train_set, train), (self.val_set, val)):
+            if dataset is not None:
+                dataset.transform = tf
 
     @property
     def skipped_images(self) -> int:

@@ -2,6 +2,7 @@
 and the metrics file."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -18,21 +19,45 @@ from fdlight.models.weights import atomic_write_text
 RUN_MARKERS = ("checkpoints", "metrics.json", "config.yaml", "student.safetensors", "model.safetensors")
 
 
-def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """Refuse to overwrite an earlier run; return the checkpoint to resume from, if any; save the resolved config."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """Refuse to overwrite an earlier run (writes nothing); return the checkpoint to resume from, if any."""
     used = [m for m in RUN_MARKERS if (run_dir / m).exists()]
-    ckpt = None
     if cfg.get("resume"):
         ckpt = run_dir / "checkpoints" / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
         check(ckpt.is_file(), f"resume={cfg.resume}: no checkpoint at {ckpt}; pass resume=<path to a .ckpt> or "
                               f"resume=true with hydra.run.dir set to the run to continue")
-    elif used:
+        return ckpt
+    if used:
         raise FDLightError(f"run directory {run_dir} already holds a run ({', '.join(used)}); pass resume=true to "
                            f"continue it, or choose another hydra.run.dir=")
+    return None
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved config, once per run directory (a resumed run keeps the original)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / "config.yaml").exists():
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
+    """check_run_dir, then save_config: for stages whose remaining checks cannot lose anything."""
+    ckpt = check_run_dir(cfg, run_dir)
+    save_config(cfg, run_dir)
     return ckpt
+
+
+@contextlib.contextmanager
+def cpu_threads(cfg: DictConfig, s: DictConfig):
+    """On a CPU run, use `<stage>.num_threads` intra-op threads (null: torch's default) while the stage runs."""
+    before = torch.get_num_threads()
+    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and s.get("num_threads"):
+        torch.set_num_threads(int(s.num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_precision(trainer_cfg: DictConfig) -> str:

@@ -19,8 +19,8 @@ from fdlight.errors import check
 from fdlight.models.pyramid import Backbone, DetectionBackbone
 from fdlight.models.weights import read_export_metadata, read_state_dict
 from fdlight.modules.detect import InstanceSegmentation, build_mask_rcnn
-from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
-from fdlight.stages.segment import (backbone_model, cpu_threads, fit_and_validate, optim_config, palette,
+from fdlight.stages.common import Throughput, build_trainer, cpu_threads, prepare_run_dir, write_metrics
+from fdlight.stages.segment import (backbone_model, fit_and_validate, optim_config, palette,
                                     rebuild_backbone, save_model)
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from fdlight.models.students import block_classes, build_student, check_drop_pat
 from fdlight.models.teachers import build_teacher
 from fdlight.models.weights import export_timm
 from fdlight.modules.distill import FeatureDistillation
-from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
+from fdlight.stages.common import Throughput, build_trainer, check_run_dir, cpu_threads, save_config, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,18 @@ def build_distillation(cfg: DictConfig) -> FeatureDistillation:
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    with cpu_threads(cfg, cfg.distill):
+        return _run(cfg, run_dir)
+
+
+def _run(cfg: DictConfig, run_dir: Path) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    resume = prepare_run_dir(cfg, run_dir)
-    module = build_distillation(cfg)
+    resume = check_run_dir(cfg, run_dir)
     data = ClassificationData(cfg.data, cfg.distill.batch_size,
-                              fd_train_transform(module.student_layout.img_size, cfg.data.min_scale))
-    data.setup()
+                              fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale))
+    data.setup()  # a bad data root fails before any model is built
+    module = build_distillation(cfg)
+    save_config(cfg, run_dir)  # only once every check has passed, so a failed start leaves no "run" behind
     meter = Throughput()
     trainer = build_trainer(cfg, cfg.distill, run_dir, callbacks=[meter], wrap_classes=block_classes(cfg.student),
                             checkpoint_every=cfg.distill.checkpoint_every_n_steps)

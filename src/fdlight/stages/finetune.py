@@ -20,8 +20,7 @@ from fdlight.models.pretrained import Architecture, build_from_pretrained, downs
 from fdlight.models.students import check_drop_path, student_kwargs
 from fdlight.models.weights import ADAPTERS, classifier_prefixes, export_timm, read_state_dict
 from fdlight.modules.classify import Classifier, FineTune
-from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
-from fdlight.stages.segment import cpu_threads
+from fdlight.stages.common import Throughput, build_trainer, cpu_threads, prepare_run_dir, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +33,6 @@ def classification_data(cfg: DictConfig, batch_size: int) -> ClassificationData:
     """Train and val sets, checked before anything is built: data.root set and existing, val/ with class folders,
     and data.num_classes (when given) equal to the folders' count. Transforms are attached once the model is known."""
     d = cfg.data
-    if d.name != "synthetic":
-        check(not OmegaConf.is_missing(d, "root") and bool(d.root),
-              f"data={d.name} needs data.root=<folder holding train/<class>/<image> and val/<class>/<image>>")
     data = ClassificationData(d, batch_size, None, None, with_val=True)
     data.setup()
     found = len(data.train_set.classes)
@@ -44,10 +40,6 @@ def classification_data(cfg: DictConfig, batch_size: int) -> ClassificationData:
     check(declared in (None, found), f"data.num_classes={declared} but {d.root}/train has {found} class folders; "
                                      f"set data.num_classes=null to take the count from the folders")
     return data
-
-
-def attach_transforms(data: ClassificationData, train, val) -> None:
-    data.train_set.transform, data.val_set.transform = train, val
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -58,7 +50,7 @@ def scratch_architecture(cfg: DictConfig, which: str) -> Architecture:
     if which == "teacher":
         check(cfg.teacher.builder == "timm", f"finetune.scratch=teacher needs a timm teacher config, not "
                                              f"teacher.builder={cfg.teacher.builder}")
-        kwargs = OmegaConf.to_container(cfg.teacher.kwargs or {}, resolve=True)
+        kwargs = (OmegaConf.to_container(cfg.teacher.kwargs, resolve=True) if cfg.teacher.kwargs else {})
         return Architecture(cfg.teacher.model.split(".")[0], kwargs, cfg.teacher.get("adapter"))
     raise FDLightError(f"finetune.scratch={which!r} is not known; use teacher or student (the config group whose "
                        f"architecture trains from random weights)")
@@ -136,7 +128,7 @@ def finetune(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     num_classes = data.num_classes
     model, arch, export_kwargs, path = build_classifier(cfg, num_classes)
     img_size = timm_layout(model).img_size
-    attach_transforms(data, finetune_train_transform(img_size, f.auto_augment, f.re_prob, f.min_scale),
+    data.set_transforms(finetune_train_transform(img_size, f.auto_augment, f.re_prob, f.min_scale),
                       eval_transform(img_size, f.crop_pct))
     mixup = dict(mixup=f.mixup, cutmix=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
                  label_smoothing=f.label_smoothing)

@@ -18,9 +18,8 @@ from fdlight.models.layout import timm_layout
 from fdlight.models.pretrained import build_from_pretrained
 from fdlight.models.weights import atomic_save_safetensors
 from fdlight.modules.classify import LinearProbe
-from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
-from fdlight.stages.finetune import attach_transforms, classification_data, fit_and_validate, optim_dict
-from fdlight.stages.segment import cpu_threads
+from fdlight.stages.common import Throughput, build_trainer, cpu_threads, prepare_run_dir, write_metrics
+from fdlight.stages.finetune import classification_data, fit_and_validate, optim_dict
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ def probe(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     backbone, arch = build_from_pretrained(path, num_classes=0, drop_path=0.0, teacher_cfg=cfg.teacher,
                                            pool=c.get("global_pool") or "", **overrides)
     img_size = timm_layout(backbone).img_size
-    attach_transforms(data, linear_train_transform(img_size, c.min_scale), eval_transform(img_size, c.crop_pct))
+    data.set_transforms(linear_train_transform(img_size, c.min_scale), eval_transform(img_size, c.crop_pct))
     module = LinearProbe(backbone, num_classes, optim_dict(c))
     resume = prepare_run_dir(cfg, run_dir)
     meter = Throughput()

@@ -22,8 +22,7 @@ from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import check
 from fdlight.models.weights import atomic_write_text, read_export_metadata
 from fdlight.stages import run as run_stage
-from fdlight.stages.common import prepare_run_dir, write_metrics
-from fdlight.stages.segment import cpu_threads
+from fdlight.stages.common import cpu_threads, prepare_run_dir, write_metrics
 
 log = logging.getLogger(__name__)
 

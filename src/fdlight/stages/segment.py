@@ -8,7 +8,6 @@ pretraining).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -31,7 +30,7 @@ from fdlight.models.upernet import UPerNet
 from fdlight.models.upernet_gpu_check import bench, main as gpu_check_main  # noqa: F401 - bench re-exported
 from fdlight.models.weights import atomic_save_safetensors, read_export_metadata, read_state_dict
 from fdlight.modules.segment import SemanticSegmentation
-from fdlight.stages.common import Throughput, build_trainer, prepare_run_dir, write_metrics
+from fdlight.stages.common import Throughput, build_trainer, cpu_threads, prepare_run_dir, write_metrics
 
 log = logging.getLogger(__name__)
 OPTIM_KEYS = ("lr", "warmup_lr", "min_lr", "warmup_steps", "schedule", "power", "layer_decay", "weight_decay",
@@ -68,19 +67,6 @@ def world_size(trainer_cfg: DictConfig) -> int:
     if devices < 0:
         devices = max(torch.cuda.device_count(), 1)
     return devices * int(trainer_cfg.num_nodes)
-
-
-@contextlib.contextmanager
-def cpu_threads(cfg: DictConfig, s: DictConfig):
-    """On a CPU run, use `<stage>.num_threads` intra-op threads (null: torch's default) while the stage runs."""
-    before = torch.get_num_threads()
-    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and s.get("num_threads"):
-        torch.set_num_threads(int(s.num_threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def user_error(e: FDLightError) -> FDLightError:
