@@ -12,7 +12,9 @@ from fdlight.errors import FDLightError
 from fdlight.models.weights import read_export_metadata
 
 SMALL = ["experiment=demo", "data.num_train=64", "data.num_val=32", "data.num_workers=0", "distill.batch_size=16",
-         "finetune.batch_size=16", "distill.epochs=1", "finetune.epochs=1", "pipeline.teacher.epochs=2"]
+         "finetune.batch_size=16", "distill.epochs=1", "finetune.epochs=1", "pipeline.teacher.epochs=2",
+         "pipeline.diagnose_settings.num_images=8", "+pipeline.diagnose_settings.landscape={steps:3}",
+         "pipeline.segment_settings.batch_size=16"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,14 @@ def test_demo_runs_every_step_and_reports_the_comparison(demo):
     assert f"{100 * saved['finetune_student/val/top1']:.1f}%" in text
     assert f"{saved['fd/first_loss']:.4f} -> {saved['fd/last_loss']:.4f}" in text
     assert "FD student fine-tuned minus teacher fine-tuned" in text and "sampling noise" in text
-    assert text.count("\n| ") == 6  # header + 5 rows
+    assert text.count("\n| ") == 6 + 4  # header + 5 rows, then header + 3 teacher-vs-student rows
+    for name in ("teacher", "fd_student"):
+        spread = saved[f"diagnose/{name}/attn_distance_spread"]
+        assert f"{spread:.3f}" in text and (run_dir / "5_segment_" f"{name}" / "model.safetensors").is_file()
+        assert f"{100 * saved[f'segment/{name}/val/mIoU']:.1f}%" in text
+    diagnosed = json.loads((run_dir / "4_diagnose" / "diagnostics.json").read_text())["checkpoints"]
+    assert set(diagnosed) == {"teacher", "fd_student"}
+    assert (run_dir / "4_diagnose" / "landscape.png").is_file()
 
 
 def test_a_finished_demo_resumes_without_retraining_and_refuses_to_be_overwritten(demo):

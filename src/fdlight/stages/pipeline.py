@@ -5,7 +5,9 @@
 2. distill: FD from that teacher into a fresh student;
 3. finetune_teacher / finetune_student: the same fine-tuning recipe and budget for both (and, optionally, for the
    student architecture from random weights);
-4. results.md and metrics.json: top-1 of each fine-tuned model, the FD loss first -> last, the wall time of each step.
+4. optionally (`pipeline.diagnose`): attention-distance spread and loss-landscape sharpness of teacher and FD student;
+5. optionally (`pipeline.segment`): UPerNet segmentation of teacher and FD student with the same budget;
+6. results.md and metrics.json: top-1 of each fine-tuned model, the FD loss first -> last, the wall time of each step.
 """
 from __future__ import annotations
 
@@ -91,12 +93,59 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
     for i, (name, source) in enumerate(runs.items()):
         sub = sub_config(cfg, "finetune", {"finetune": {**dict(p.finetune), **source}})
         steps[name] = run_step(f"3{'abc'[i]}_{name}", sub, run_dir, resume)
+    pair = {"teacher": teacher_file, "fd_student": run_dir / "2_distill" / "student.safetensors"}
+    extra = {}
+    if p.get("diagnose"):
+        extra["diagnose"] = diagnose_step(cfg, pair, run_dir, resume)
+    if p.get("segment"):
+        extra["segment"] = segment_step(cfg, pair, run_dir, resume)
     metrics = summarize(steps)
-    text = results_markdown(cfg, steps, metrics)
+    metrics.update(flatten_extra(extra))
+    metrics["total_wall_s"] = sum(v for k, v in metrics.items() if k.endswith("wall_s") and v is not None)
+    text = results_markdown(cfg, steps, metrics, extra)
     atomic_write_text(run_dir / "results.md", text)
     write_metrics(run_dir, metrics)
     print(text, flush=True)
     return metrics
+
+
+def diagnose_step(cfg: DictConfig, pair: dict[str, Path], run_dir: Path, resume: bool) -> dict:
+    """Step 4: the diagnose stage on teacher and FD student, both scored with a linear-probe loss so their
+    landscapes compare (the FD loss exists for the student only)."""
+    from fdlight.stages.diagnose import read_summary
+
+    sub = sub_config(cfg, "diagnose", {})
+    base = OmegaConf.load(str(resources.files("fdlight.conf").joinpath("stage", "diagnose.yaml")))
+    sub = OmegaConf.merge(OmegaConf.create({"diagnose": base.diagnose}), sub, {"diagnose": {
+        "checkpoints": [str(v) for v in pair.values()], "names": list(pair), **dict(cfg.pipeline.diagnose_settings)}})
+    start = time.perf_counter()
+    run_step("4_diagnose", sub, run_dir, resume)
+    summary = read_summary(run_dir / "4_diagnose")
+    rows = {name: {"attn_distance_spread": s["attn_distance_spread"], "sharpness": s["sharpness"]}
+            for name, s in summary.items()}
+    rows["teacher"]["wall_s"] = time.perf_counter() - start  # one run for both, counted once
+    return rows
+
+
+def segment_step(cfg: DictConfig, pair: dict[str, Path], run_dir: Path, resume: bool) -> dict:
+    """Step 5: the same small UPerNet fine-tune on teacher and FD student; val/mIoU of each."""
+    from fdlight.stages.segment import segmentation_miou
+
+    out = {}
+    for name, path in pair.items():
+        step_dir = run_dir / f"5_segment_{name}"
+        start = time.perf_counter()
+        if resume and (step_dir / "metrics.json").is_file():
+            miou = json.loads((step_dir / "metrics.json").read_text())["val/mIoU"]
+        else:
+            miou = segmentation_miou(cfg, path, step_dir, **dict(cfg.pipeline.segment_settings))
+        out[name] = {"val/mIoU": miou, "wall_s": time.perf_counter() - start}
+    return out
+
+
+def flatten_extra(extra: dict) -> dict:
+    return {f"{step}/{name}/{key}": value for step, rows in extra.items() for name, row in rows.items()
+            for key, value in row.items()}
 
 
 # ------------------------------------------------------------------------------------------------------- results
@@ -109,7 +158,6 @@ def summarize(steps: dict[str, dict]) -> dict:
         out[f"{name}/wall_s"] = m.get("step_wall_s", m.get("wall_s"))
     out["fd/first_loss"], out["fd/last_loss"] = steps["distill"]["first_loss"], steps["distill"]["last_loss"]
     out["delta_top1"] = out["finetune_student/val/top1"] - out["finetune_teacher/val/top1"]
-    out["total_wall_s"] = sum(v for k, v in out.items() if k.endswith("/wall_s") and v is not None)
     return out
 
 
@@ -117,7 +165,27 @@ def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict) -> str:
+def extra_rows(extra: dict) -> list[str]:
+    """Teacher vs FD student rows of the diagnose and segment steps."""
+    if not extra:
+        return []
+    rows = ["| measure | teacher | FD student | wall (s) |", "|---|---|---|---|"]
+    d = extra.get("diagnose")
+    if d:
+        wall = d["teacher"]["wall_s"]
+        rows.append(f"| attention-distance spread over heads (px, mean over layers; higher is more diverse) | "
+                    f"{d['teacher']['attn_distance_spread']:.3f} | {d['fd_student']['attn_distance_spread']:.3f} | "
+                    f"{wall:.1f} |")
+        rows.append(f"| loss-landscape sharpness (linear-probe loss rise at ±span, lower is flatter) | "
+                    f"{d['teacher']['sharpness']:.3f} | {d['fd_student']['sharpness']:.3f} | |")
+    s = extra.get("segment")
+    if s:
+        rows.append(f"| segmentation val mIoU (UPerNet, same budget) | {_pct(s['teacher']['val/mIoU'])} | "
+                    f"{_pct(s['fd_student']['val/mIoU'])} | {s['teacher']['wall_s'] + s['fd_student']['wall_s']:.1f} |")
+    return ["", *rows]
+
+
+def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict, extra: dict | None = None) -> str:
     labels = {"teacher": "teacher trained from scratch with labels", "distill": "FD: teacher -> fresh student",
               "finetune_teacher": "teacher fine-tuned", "finetune_student": "FD student fine-tuned",
               "finetune_scratch": "student architecture fine-tuned from random weights"}
@@ -140,7 +208,7 @@ def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict) -> 
         "# fdlight pipeline results", "",
         f"Data: {cfg.data.name} ({cfg.data.get('num_train', '?')} train / {n or '?'} val images); "
         f"step 3: the same fine-tuning recipe and budget for every run, {ft.epochs} epochs each.", "",
-        *rows, "",
+        *rows, *extra_rows(extra or {}), "",
         f"FD student fine-tuned minus teacher fine-tuned: {100 * (s - t):+.1f} points top-1{noise}.",
         f"Total wall time: {metrics['total_wall_s']:.0f} s.", "",
     ])
