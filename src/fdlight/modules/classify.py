@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fdlight.errors import FDLightError, check
 from fdlight.layer_decay import layer_ids
+from fdlight.modules.guards import check_finite, clip_gradients
 from fdlight.optim import WarmupCosine, adamw_with_schedule, param_groups, scaled_lr
 
 VIT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token")
@@ -31,14 +32,6 @@ def accuracy_metrics(num_classes: int) -> nn.ModuleDict:
     return nn.ModuleDict(metrics)
 
 
-def check_finite(loss: torch.Tensor, step: int, key: str) -> float:
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FDLightError(f"non-finite training loss ({value}) at step {step}; stopped before the update, the last "
-                           f"checkpoint is kept; lower {key}.base_lr or check the pretrained weights")
-    return value
-
-
 class Classifier(L.LightningModule):
     """What both stages share: validation metrics, the total batch, per-step schedules, gradient clipping."""
 
@@ -56,7 +49,7 @@ class Classifier(L.LightningModule):
         raise NotImplementedError
 
     def record_loss(self, loss: torch.Tensor) -> None:
-        value = check_finite(loss, self.global_step, self.stage_key)
+        value = check_finite(loss, self.global_step, "training", f"lower {self.stage_key}.base_lr or check the pretrained weights")
         if self.first_loss is None:
             self.first_loss = value
         self.last_loss = value
@@ -89,9 +82,7 @@ class Classifier(L.LightningModule):
         return int(round(per_epoch * float(self.optim_cfg["warmup_epochs"]))), per_epoch * epochs
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        max_norm = self.optim_cfg.get("clip_grad") or float("inf")
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        self.log("train/grad_norm", torch.nn.utils.clip_grad_norm_(params, max_norm))
+        clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["fdlight_first_loss"] = self.first_loss

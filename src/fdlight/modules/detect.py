@@ -20,7 +20,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
 from fdlight.models.pyramid import DetectionBackbone
-from fdlight.modules.segment import check_finite, clip_gradients, dense_optimizer
+from fdlight.modules.guards import check_finite, clip_gradients
+from fdlight.modules.segment import dense_optimizer
 
 LEVELS = ["0", "1", "2", "3"]
 
@@ -101,7 +102,7 @@ class InstanceSegmentation(L.LightningModule):
         targets = [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets]
         losses = self.model(list(images), targets)
         loss = sum(losses.values())
-        value = check_finite(loss, self.global_step, "detection")
+        value = check_finite(loss, self.global_step, "detection", "lower detect.base_lr or check the data")
         self.first_loss = value if self.first_loss is None else self.first_loss
         self.last_loss = value
         self.log("train/loss", loss.detach(), prog_bar=True)

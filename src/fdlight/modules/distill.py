@@ -3,8 +3,6 @@ teacher's whitened token map. The teacher is held outside the module tree, so it
 checkpoint, an FSDP unit or a DDP bucket."""
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
 import torch.nn as nn
@@ -15,6 +13,7 @@ from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
 from fdlight.models.layout import TokenLayout, check_grids
 from fdlight.models.teachers import Teacher
+from fdlight.modules.guards import check_finite, clip_gradients
 from fdlight.optim import adamw_with_schedule, param_groups, scaled_lr
 
 
@@ -89,11 +88,8 @@ class FeatureDistillation(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         loss = self.distill_loss(x)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise FDLightError(
-                f"non-finite FD loss ({value}) at step {self.global_step}; stopped before the update, the last good "
-                f"checkpoint is kept; lower distill.base_lr or check the teacher weights and input data")
+        value = check_finite(loss, self.global_step, "FD",
+                             "lower distill.base_lr or check the teacher weights and input data")
         if self.first_loss is None:
             self.first_loss = value
         self.last_loss = value
@@ -142,12 +138,4 @@ class FeatureDistillation(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Clip by global norm (3.0 in FD) and log the norm; under FSDP the sharded root does the clipping."""
-        max_norm = self.optim_cfg.get("clip_grad") or float("inf")
-        from lightning.pytorch.strategies import FSDPStrategy
-        if isinstance(self.trainer.strategy, FSDPStrategy):
-            norm = self.trainer.model.clip_grad_norm_(max_norm)
-        else:
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        self.log("train/grad_norm", norm, prog_bar=False)
+        clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))  # 3.0 in FD

@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from fdlight.data.dense import IGNORE
 from fdlight.errors import FDLightError
 from fdlight.models.upernet import UPerNet, segmentation_loss
+from fdlight.modules.guards import check_finite, clip_gradients
 from fdlight.optim import adamw_with_schedule, param_groups
 
 
@@ -52,20 +53,6 @@ def dense_optimizer(named, optim: dict, layer_of, num_layers: int, total_steps: 
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def check_finite(loss: torch.Tensor, step: int, what: str) -> float:
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FDLightError(f"non-finite {what} loss ({value}) at step {step}; stopped before the update, the last "
-                           f"checkpoint is kept; lower the learning rate or check the data")
-    return value
-
-
-def clip_gradients(module: L.LightningModule, optimizer, max_norm) -> None:
-    if max_norm:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        module.log("train/grad_norm", torch.nn.utils.clip_grad_norm_(params, float(max_norm)))
-
-
 # ------------------------------------------------------------------------------------------------------ module
 class SemanticSegmentation(L.LightningModule):
     def __init__(self, model: UPerNet, optim: dict, eval_mode: str = "slide", eval_stride: int | None = None,
@@ -87,7 +74,7 @@ class SemanticSegmentation(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = segmentation_loss(self.model(x), y, self.aux_weight)
-        value = check_finite(loss, self.global_step, "segmentation")
+        value = check_finite(loss, self.global_step, "segmentation", "lower segment.base_lr or check the data")
         self.first_loss = value if self.first_loss is None else self.first_loss
         self.last_loss = value
         self.log("train/loss", loss.detach(), prog_bar=True)

@@ -1,0 +1,31 @@
+"""What every training module does around its step: stop on a non-finite loss, clip and log the gradient norm."""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+
+from fdlight.errors import FDLightError
+
+
+def check_finite(loss: torch.Tensor, step: int, what: str, fix: str) -> float:
+    """The loss as a float; a NaN/inf stops the run before the optimizer applies it (the last checkpoint stays good)."""
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FDLightError(f"non-finite {what} loss ({value}) at step {step}; stopped before the update, the last "
+                           f"good checkpoint is kept; {fix}")
+    return value
+
+
+def clip_gradients(module: L.LightningModule, optimizer, max_norm) -> None:
+    """Clip by global norm and log the norm; under FSDP the sharded root clips (Lightning's own clipping refuses)."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    limit = float(max_norm) if max_norm else float("inf")
+    if isinstance(module.trainer.strategy, FSDPStrategy):
+        norm = module.trainer.model.clip_grad_norm_(limit)
+    else:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    module.log("train/grad_norm", norm)
