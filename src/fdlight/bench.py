@@ -53,6 +53,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--compile", action="store_true", help="torch.compile the distillation step")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--peak-tflops", type=float, default=None)
+    ap.add_argument("--finetune", action="store_true",
+                    help="time the fine-tuning step of the student instead (Mixup/CutMix, soft-target CE, AdamW)")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. teacher=clip_vitb student=vit_b16")
     args = ap.parse_args(argv)
     from fdlight.stages.distill import build_distillation
@@ -63,6 +65,8 @@ def main(argv=None) -> dict:
     cfg = compose([*overrides, f"trainer.compile={args.compile}"])
     batch = args.batch or (128 if dev == "cuda" else 8)
     torch.set_float32_matmul_precision("high")
+    if args.finetune:
+        return finetune_bench(cfg, batch, args, dev)
     module = build_distillation(cfg).to(dev)
     bf16 = dev == "cuda"
     module.teacher.to(device=dev, dtype=torch.bfloat16 if bf16 else torch.float32)
@@ -114,6 +118,48 @@ def main(argv=None) -> dict:
                   student_fwd_bwd_ms=round(student_s * 1e3, 2), peak_mem_gib=round(mem, 2),
                   gflop_per_img=round(flops_per_img / 1e9, 2), tflops=round(achieved, 1),
                   mfu=round(achieved / peak, 3) if peak else None)
+    print("fdlight.bench " + " ".join(f"{k}={v}" for k, v in result.items()))
+    return result
+
+
+def finetune_bench(cfg, batch: int, args, dev: str) -> dict:
+    """One fine-tuning step of the configured student (per-block bias, mean pooling, 1000 classes)."""
+    from timm.data import Mixup
+    from timm.loss import SoftTargetCrossEntropy
+
+    from fdlight.models.pretrained import Architecture, build_from_pretrained
+    from fdlight.models.students import student_kwargs
+    from fdlight.optim import adamw_with_schedule, param_groups
+
+    arch = Architecture(cfg.student.model, student_kwargs(cfg.student))
+    model, _ = build_from_pretrained(None, num_classes=1000, drop_path=0.1, arch=arch)
+    model = model.to(dev)
+    opt, sched = adamw_with_schedule(param_groups(model.named_parameters(), 0.05, cfg.student.no_decay_keywords),
+                                     5e-3, 1e-6, 1e-6, 100, 10_000, fused=dev == "cuda")
+    params = [p for p in model.parameters() if p.requires_grad]
+    mix, criterion = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=1000), \
+        SoftTargetCrossEntropy()
+    forward = torch.compile(model) if args.compile else model
+    size = int(cfg.student.img_size)
+    x, y = torch.randn(batch, 3, size, size, device=dev), torch.randint(0, 1000, (batch,), device=dev)
+
+    def step():
+        xm, ym = mix(x, y)
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda"):
+            loss = criterion(forward(xm).float(), ym)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 5.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    step_s = timed(step, args.steps, dev)
+    result = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", stage="finetune",
+                  student=cfg.student.name, batch=batch, compile=args.compile, img_per_s=round(batch / step_s, 1),
+                  step_ms=round(step_s * 1e3, 2),
+                  peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None)
     print("fdlight.bench " + " ".join(f"{k}={v}" for k, v in result.items()))
     return result
 
