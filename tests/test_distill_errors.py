@@ -126,3 +126,16 @@ def test_a_failed_start_leaves_no_run_behind(tmp_path):
 def test_folder_data_without_a_root_says_which_option_to_set(tmp_path):
     line = error_line(run_cli([*FOLDER, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
     assert "data=imagenet needs data.root=" in line
+
+
+def test_other_ranks_join_rank_zeros_run_directory(tmp_path, monkeypatch):
+    from fdlight.stages.common import check_run_dir, save_config
+    cfg = compose([])
+    save_config(cfg, tmp_path)
+    with pytest.raises(FDLightError, match="already holds a run"):
+        check_run_dir(cfg, tmp_path)  # rank 0 of a second launch
+    monkeypatch.setenv("LOCAL_RANK", "1")  # what Lightning's DDP launcher sets in the ranks it re-executes
+    before = (tmp_path / "config.yaml").read_text()
+    assert check_run_dir(cfg, tmp_path) is None
+    save_config(compose(["seed=7"]), tmp_path)
+    assert (tmp_path / "config.yaml").read_text() == before

@@ -19,9 +19,15 @@ from fdlight.models.weights import atomic_write_text
 RUN_MARKERS = ("checkpoints", "metrics.json", "config.yaml", "student.safetensors", "model.safetensors")
 
 
+def is_secondary_rank() -> bool:
+    """True in the processes a multi-GPU launcher starts beside rank 0 (Lightning's re-executed ranks, torchrun)."""
+    return any(int(os.environ.get(v, "0") or 0) > 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+
+
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
-    """Refuse to overwrite an earlier run (writes nothing); return the checkpoint to resume from, if any."""
-    used = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    """Refuse to overwrite an earlier run (writes nothing); return the checkpoint to resume from, if any. Ranks
+    other than 0 join rank 0's run directory, which rank 0 has checked already."""
+    used = [m for m in RUN_MARKERS if (run_dir / m).exists()] if not is_secondary_rank() else []
     if cfg.get("resume"):
         ckpt = run_dir / "checkpoints" / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume))
         check(ckpt.is_file(), f"resume={cfg.resume}: no checkpoint at {ckpt}; pass resume=<path to a .ckpt> or "
@@ -34,8 +40,10 @@ def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
-    """The resolved config, once per run directory (a resumed run keeps the original)."""
+    """The resolved config, once per run directory (a resumed run keeps the original); rank 0 writes it."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    if is_secondary_rank():
+        return
     if not (run_dir / "config.yaml").exists():
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
