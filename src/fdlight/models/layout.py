@@ -48,12 +48,14 @@ def checked_layout(declared: dict, actual: TokenLayout, who: str) -> TokenLayout
     return actual
 
 
-def check_grids(student: TokenLayout, teacher: TokenLayout) -> None:
-    """The loss pairs tokens one to one, so both grids must match (no feature-map interpolation, as in FD)."""
+def check_grids(student: TokenLayout, teacher: TokenLayout, matching: list[str] = ()) -> None:
+    """The loss pairs tokens one to one, so both grids must match (no feature-map interpolation, as in FD).
+    `matching` names student configs whose declared grid fits the teacher's, for the message."""
     if student.grid == teacher.grid:
         return
     fix_px = teacher.grid * student.patch_size
+    pick = f"student={' or student='.join(matching)}" if matching else "a matching student"
     raise FDLightError(
         f"token grids differ: student {student.describe()} vs teacher {teacher.describe()}; "
         f"train the student at student.img_size={fix_px} so it makes a {teacher.grid}x{teacher.grid} grid "
-        f"(the teacher's input is resized to its own {teacher.img_size} px), or pick a matching student")
+        f"(the teacher's input is resized to its own {teacher.img_size} px), or pick {pick}")

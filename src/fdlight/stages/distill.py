@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import logging
 import time
+from importlib import resources
 from pathlib import Path
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fdlight.data.classification import ClassificationData
 from fdlight.data.transforms import fd_train_transform
+from fdlight.models.layout import TokenLayout, check_grids
 from fdlight.models.students import block_classes, build_student, check_drop_path, student_kwargs, student_layout
 from fdlight.models.teachers import build_teacher
 from fdlight.models.weights import export_timm
@@ -20,10 +22,33 @@ from fdlight.stages.common import Throughput, build_trainer, check_run_dir, cpu_
 log = logging.getLogger(__name__)
 
 
+def declared_layout(c: DictConfig) -> TokenLayout | None:
+    """The token layout a teacher or student config declares, when it declares all of it."""
+    fields = ("img_size", "patch_size", "prefix_tokens")
+    if any(c.get(f) is None for f in fields):
+        return None
+    return TokenLayout(int(c.img_size), int(c.patch_size), int(c.prefix_tokens), int(c.get("dim") or 0))
+
+
+def students_with_grid(grid: int) -> list[str]:
+    """Shipped student configs whose declared token grid is `grid`."""
+    folder = resources.files("fdlight.conf").joinpath("student")
+    names = []
+    for f in sorted(folder.iterdir(), key=lambda f: f.name):
+        if f.name.endswith(".yaml"):
+            c = OmegaConf.load(str(f))
+            if int(c.img_size) // int(c.patch_size) == grid:
+                names.append(f.name[:-5])
+    return names
+
+
 def build_distillation(cfg: DictConfig) -> FeatureDistillation:
     """The LightningModule of a config: checks drop-path rates and token grids before anything trains."""
     dp_student = check_drop_path(cfg.drop_path.student, "drop_path.student")
     dp_teacher = check_drop_path(cfg.drop_path.teacher, "drop_path.teacher")
+    declared = [declared_layout(cfg.student), declared_layout(cfg.teacher)]
+    if all(declared):  # before building anything (a hub download included); rechecked on the built models
+        check_grids(*declared, matching=students_with_grid(declared[1].grid))
     teacher = build_teacher(cfg.teacher, drop_path=dp_teacher, seed=cfg.seed)
     student = build_student(cfg.student, drop_path=dp_student)
     d = cfg.distill
