@@ -139,3 +139,8 @@ def test_other_ranks_join_rank_zeros_run_directory(tmp_path, monkeypatch):
     assert check_run_dir(cfg, tmp_path) is None
     save_config(compose(["seed=7"]), tmp_path)
     assert (tmp_path / "config.yaml").read_text() == before
+
+
+def test_grid_mismatch_is_found_before_any_model_is_built_and_names_fitting_students():
+    with pytest.raises(FDLightError, match=r"16x16 \+ 1 prefix tokens \(224 px / 14\).*or pick student=vit_l14$"):
+        build_distillation(compose(["teacher=clip_vitl"]))  # teacher.weights=hub: no download is attempted first
