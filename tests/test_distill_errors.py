@@ -134,7 +134,7 @@ def test_other_ranks_join_rank_zeros_run_directory(tmp_path, monkeypatch):
     save_config(cfg, tmp_path)
     with pytest.raises(FDLightError, match="already holds a run"):
         check_run_dir(cfg, tmp_path)  # rank 0 of a second launch
-    monkeypatch.setenv("LOCAL_RANK", "1")  # what Lightning's DDP launcher sets in the ranks it re-executes
+    monkeypatch.setenv("SLURM_PROCID", "3")  # srun/submitit ranks carry no LOCAL_RANK before Lightning starts
     before = (tmp_path / "config.yaml").read_text()
     assert check_run_dir(cfg, tmp_path) is None
     save_config(compose(["seed=7"]), tmp_path)

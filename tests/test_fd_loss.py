@@ -48,12 +48,15 @@ def test_whitening_none_keeps_the_target():
 
 
 def test_module_step_equals_manual_recomputation():
-    cfg = compose(["teacher=tiny", "student=tiny"])
+    clip_mean, clip_std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    cfg = compose(["teacher=tiny", f"teacher.mean={clip_mean}", f"teacher.std={clip_std}"])
     module = build_distillation(cfg)
     torch.manual_seed(0)
-    x = torch.randn(3, 3, 32, 32)
-    t = module.teacher.model.forward_features((x * module.renorm_scale + module.renorm_shift))
-    target = whiten_by_hand(t.detach())
+    x = torch.randn(3, 3, 32, 32)  # ImageNet-normalised, as the loader gives it
+    pixels = x * torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) + torch.tensor([0.485, 0.456, 0.406]).view(
+        1, 3, 1, 1)
+    x_teacher = (pixels - torch.tensor(clip_mean).view(1, 3, 1, 1)) / torch.tensor(clip_std).view(1, 3, 1, 1)
+    target = whiten_by_hand(module.teacher.model.forward_features(x_teacher).detach())
     pred = module.projector(module.student.forward_features(x))
     expected = smooth_l1_by_hand(pred.detach(), target, beta=2.0)
     assert abs(module.distill_loss(x).item() - expected) < 1e-4 * expected  # fp32 sums in another order

@@ -33,6 +33,20 @@ def check_group_overrides(argv: list[str]) -> None:
             raise FDLightError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
 
 
+def check_sweep_launch(cfg: DictConfig) -> None:
+    """Hydra's basic launcher runs a sweep's jobs one after another in this process, while a multi-GPU trainer
+    re-executes the command line for each rank: every rank would then run the whole sweep."""
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    basic = "BasicLauncher" in str(hc.launcher.get("_target_", ""))
+    t = cfg.get("trainer")
+    multi = t is not None and (str(t.strategy) in ("ddp", "fsdp") or str(t.devices) != "1" or int(t.num_nodes) > 1)
+    if hc.mode == RunMode.MULTIRUN and basic and multi:
+        raise FDLightError("a -m sweep with a multi-GPU trainer would run the whole sweep on every rank; sweep with "
+                           "trainer.devices=1, or launch one job per value (hydra/launcher=submitit_slurm, or torchrun)")
+
+
 @hydra.main(version_base="1.3", config_path="pkg://fdlight.conf", config_name="config")
 def _app(cfg: DictConfig) -> float | None:
     import lightning.pytorch  # noqa: F401 - attaches its console handler, removed below
@@ -45,6 +59,7 @@ def _app(cfg: DictConfig) -> float | None:
             logger.removeHandler(handler)
         logger.propagate = True
     try:
+        check_sweep_launch(cfg)
         metrics = run(cfg, HydraConfig.get().runtime.output_dir)
     except FDLightError as e:
         logging.getLogger("fdlight").debug("user error", exc_info=True)

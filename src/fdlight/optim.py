@@ -8,16 +8,35 @@ import torch
 import torch.nn as nn
 
 
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name without the segments FSDP, activation checkpointing and torch.compile insert."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def original_ndims(module: nn.Module) -> dict[str, int]:
+    """Each parameter's number of dimensions, recorded before any wrapping: under FSDP (use_orig_params) the
+    optimizer sees flat 1-D shards, which would otherwise all look like biases."""
+    return {clean_name(n): p.ndim for n, p in module.named_parameters()}
+
+
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float, no_decay_keywords=(),
-                 layer_of: Callable[[str], int] | None = None, num_layers: int = 1, layer_decay: float = 1.0
-                 ) -> list[dict]:
+                 layer_of: Callable[[str], int] | None = None, num_layers: int = 1, layer_decay: float = 1.0,
+                 ndims: dict[str, int] | None = None) -> list[dict]:
     """Split trainable parameters into AdamW groups. No weight decay for 1-D tensors, biases and names containing a
-    keyword (fd-method.md §1.9). With `layer_of`, each group also carries lr_scale = decay^(num_layers-1-layer)."""
+    keyword (fd-method.md §1.9). With `layer_of`, each group also carries lr_scale = decay^(num_layers-1-layer).
+    `ndims` (from original_ndims) gives the true dimensions of parameters that FSDP has flattened."""
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in named:
         if not p.requires_grad:
             continue
-        decay = p.ndim > 1 and not name.endswith(".bias") and not any(k in name for k in no_decay_keywords)
+        name = clean_name(name)
+        ndim = ndims.get(name, p.ndim) if ndims else p.ndim
+        decay = ndim > 1 and not name.endswith(".bias") and not any(k in name for k in no_decay_keywords)
         layer = layer_of(name) if layer_of else num_layers - 1
         g = groups.setdefault((layer, decay), {
             "params": [], "names": [], "weight_decay": weight_decay if decay else 0.0,

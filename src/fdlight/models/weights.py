@@ -156,12 +156,12 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
     os.replace(tmp, path)
 
 
-def export_timm(model: torch.nn.Module, path: str | Path, timm_name: str, timm_kwargs: dict, **extra) -> Path:
-    """Save a timm model's weights so `timm.create_model(name, pretrained=True,
+def export_timm(model: torch.nn.Module | dict, path: str | Path, timm_name: str, timm_kwargs: dict, **extra) -> Path:
+    """Save a timm model's weights (a module or its full state dict) so `timm.create_model(name, pretrained=True,
     pretrained_cfg_overlay=dict(file=path), **kwargs)` rebuilds it; name and kwargs travel in the metadata."""
     meta = {"timm_model": timm_name, "timm_kwargs": json.dumps(timm_kwargs), "format": "fdlight"}
     meta.update({k: str(v) for k, v in extra.items()})
-    atomic_save_safetensors(model.state_dict(), path, meta)
+    atomic_save_safetensors(model if isinstance(model, dict) else model.state_dict(), path, meta)
     return Path(path)
 
 

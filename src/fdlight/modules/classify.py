@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from fdlight.errors import FDLightError, check
 from fdlight.layer_decay import layer_ids
 from fdlight.modules.guards import check_finite, clip_gradients
-from fdlight.optim import WarmupCosine, adamw_with_schedule, param_groups, scaled_lr
+from fdlight.optim import WarmupCosine, adamw_with_schedule, original_ndims, param_groups, scaled_lr
 
 VIT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token")
 SWIN_NO_DECAY = ("absolute_pos_embed", "cpb_mlp", "logit_scale", "relative_position_bias_table")
@@ -102,6 +102,7 @@ class FineTune(Classifier):
         from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
         self.model = model
+        self.param_ndims = original_ndims(model)  # before any FSDP wrapping flattens them
         smoothing = float(mixup.get("label_smoothing", 0.0))
         self.mixup = None
         if mixup.get("mixup", 0) > 0 or mixup.get("cutmix", 0) > 0:
@@ -148,7 +149,7 @@ class FineTune(Classifier):
         decay = float(o.get("layer_decay", 1.0))
         layer_of, num_layers = layer_ids(self.model) if decay != 1.0 else (None, 1)
         groups = param_groups(named, o["weight_decay"], no_decay_keywords(self.model), layer_of=layer_of,
-                              num_layers=num_layers, layer_decay=decay)
+                              num_layers=num_layers, layer_decay=decay, ndims=self.param_ndims)
         warmup, total = self.schedule_steps()
         batch = self.total_batch()
         opt, sched = adamw_with_schedule(groups, scaled_lr(o["base_lr"], batch), scaled_lr(o["warmup_lr"], batch),

@@ -22,6 +22,7 @@ from fdlight.errors import FDLightError
 from fdlight.models.pyramid import DetectionBackbone
 from fdlight.modules.guards import check_finite, clip_gradients
 from fdlight.modules.segment import dense_optimizer
+from fdlight.optim import original_ndims
 
 LEVELS = ["0", "1", "2", "3"]
 
@@ -92,6 +93,7 @@ class InstanceSegmentation(L.LightningModule):
     def __init__(self, model: MaskRCNN, optim: dict, mask_threshold: float = 0.5):
         super().__init__()
         self.model, self.optim_cfg, self.mask_threshold = model, dict(optim), float(mask_threshold)
+        self.param_ndims = original_ndims(model)  # before any FSDP wrapping flattens them
         self.map = new_map_metric()
         self.first_loss = self.last_loss = None
         self.val_results: dict = {}
@@ -140,7 +142,7 @@ class InstanceSegmentation(L.LightningModule):
             return bb.layer_id(name[len(prefix):]) if name.startswith(prefix) else bb.num_layers - 1
 
         return dense_optimizer(list(self.model.named_parameters()), self.optim_cfg, layer_of, bb.num_layers,
-                               total_steps, fused=self.device.type == "cuda")
+                               total_steps, fused=self.device.type == "cuda", ndims=self.param_ndims)
 
     def configure_optimizers(self):
         return self.optimizer(int(self.trainer.estimated_stepping_batches))

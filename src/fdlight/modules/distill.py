@@ -14,7 +14,7 @@ from fdlight.errors import FDLightError
 from fdlight.models.layout import TokenLayout, check_grids
 from fdlight.models.teachers import Teacher
 from fdlight.modules.guards import check_finite, clip_gradients
-from fdlight.optim import adamw_with_schedule, param_groups, scaled_lr
+from fdlight.optim import adamw_with_schedule, original_ndims, param_groups, scaled_lr
 
 
 def whiten(target: torch.Tensor, method: str, eps: float = 1e-5) -> torch.Tensor:
@@ -45,6 +45,7 @@ class FeatureDistillation(L.LightningModule):
         check_grids(student_layout, teacher.layout)
         self.student = student
         self.projector = nn.Linear(student_layout.dim, teacher.layout.dim)  # == Conv1d(k=1) over tokens
+        self.param_ndims = original_ndims(self)  # before any FSDP wrapping flattens them
         object.__setattr__(self, "teacher", teacher)  # deliberately not a submodule
         self.student_layout, self.optim_cfg = student_layout, dict(optim)
         self.whitening, self.whitening_eps, self.loss_beta = whitening, whitening_eps, loss_beta
@@ -124,7 +125,7 @@ class FeatureDistillation(L.LightningModule):
         o = self.optim_cfg
         named = [("student." + n, p) for n, p in self.student.named_parameters()]
         named += [("projector." + n, p) for n, p in self.projector.named_parameters()]
-        groups = param_groups(named, o["weight_decay"], self.no_decay_keywords)
+        groups = param_groups(named, o["weight_decay"], self.no_decay_keywords, ndims=self.param_ndims)
         warmup = int(round(total_steps * o["warmup_epochs"] / max(o["epochs"], 1)))
         return adamw_with_schedule(
             groups, scaled_lr(o["base_lr"], total_batch), scaled_lr(o["warmup_lr"], total_batch),

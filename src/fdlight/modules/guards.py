@@ -10,9 +10,15 @@ from fdlight.errors import FDLightError
 
 
 def check_finite(loss: torch.Tensor, step: int, what: str, fix: str) -> float:
-    """The loss as a float; a NaN/inf stops the run before the optimizer applies it (the last checkpoint stays good)."""
+    """The loss as a float; a NaN/inf on any rank stops every rank before the optimizer applies it (the last
+    checkpoint stays good)."""
     value = float(loss.detach())
-    if not math.isfinite(value):
+    finite = math.isfinite(value)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = torch.tensor([1.0 if finite else 0.0], device=loss.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)  # every rank stops together
+        finite = bool(flag.item())
+    if not finite:
         raise FDLightError(f"non-finite {what} loss ({value}) at step {step}; stopped before the update, the last "
                            f"good checkpoint is kept; {fix}")
     return value

@@ -14,7 +14,7 @@ from fdlight.data.dense import IGNORE
 from fdlight.errors import FDLightError
 from fdlight.models.upernet import UPerNet, segmentation_loss
 from fdlight.modules.guards import check_finite, clip_gradients
-from fdlight.optim import adamw_with_schedule, param_groups
+from fdlight.optim import adamw_with_schedule, original_ndims, param_groups
 
 
 # --------------------------------------------------------------------------------------------------- optimizer
@@ -36,11 +36,12 @@ class WarmupPoly:
         return self.lr(step) / self.peak if self.peak else 0.0
 
 
-def dense_optimizer(named, optim: dict, layer_of, num_layers: int, total_steps: int, fused: bool = False):
+def dense_optimizer(named, optim: dict, layer_of, num_layers: int, total_steps: int, fused: bool = False,
+                    ndims: dict | None = None):
     """AdamW over layer-decayed groups (scale applied once) with a per-step warmup + poly or cosine schedule."""
     o = optim
     groups = param_groups(named, o["weight_decay"], o.get("no_decay_keywords", ()), layer_of=layer_of,
-                          num_layers=num_layers, layer_decay=o["layer_decay"])
+                          num_layers=num_layers, layer_decay=o["layer_decay"], ndims=ndims)
     warmup = min(int(o["warmup_steps"]), max(total_steps - 1, 0))
     opt, sched = adamw_with_schedule(groups, o["lr"], o["warmup_lr"], o["min_lr"], warmup, total_steps,
                                      o.get("betas", (0.9, 0.999)), fused=fused)
@@ -61,6 +62,7 @@ class SemanticSegmentation(L.LightningModule):
         if eval_mode not in ("slide", "whole"):
             raise FDLightError(f"segment.eval_mode={eval_mode!r}; use slide or whole")
         self.model, self.optim_cfg = model, dict(optim)
+        self.param_ndims = original_ndims(model)  # before any FSDP wrapping flattens them
         self.eval_mode, self.aux_weight, self.eval_chunk = eval_mode, float(aux_weight), int(eval_chunk)
         self.crop = model.backbone.img_size
         self.eval_stride = int(eval_stride or math.ceil(self.crop * 2 / 3))  # mmseg: 341 for 512
@@ -149,7 +151,7 @@ class SemanticSegmentation(L.LightningModule):
             return bb.layer_id(name[len(prefix):]) if name.startswith(prefix) else bb.num_layers - 1
 
         return dense_optimizer(list(self.model.named_parameters()), self.optim_cfg, layer_of, bb.num_layers,
-                               total_steps, fused=self.device.type == "cuda")
+                               total_steps, fused=self.device.type == "cuda", ndims=self.param_ndims)
 
     def configure_optimizers(self):
         return self.optimizer(int(self.trainer.estimated_stepping_batches))

@@ -19,9 +19,13 @@ from fdlight.models.weights import atomic_write_text
 RUN_MARKERS = ("checkpoints", "metrics.json", "config.yaml", "student.safetensors", "model.safetensors")
 
 
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+
+
 def is_secondary_rank() -> bool:
-    """True in the processes a multi-GPU launcher starts beside rank 0 (Lightning's re-executed ranks, torchrun)."""
-    return any(int(os.environ.get(v, "0") or 0) > 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    """True in the processes a launcher starts beside rank 0 (Lightning's re-executed ranks, torchrun, SLURM/srun,
+    MPI)."""
+    return any(int(os.environ.get(v, "0") or 0) > 0 for v in RANK_VARIABLES)
 
 
 def check_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
@@ -151,6 +155,30 @@ def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbac
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0,
         default_root_dir=str(run_dir), enable_model_summary=False,
     )
+
+
+def full_state_dict(root: torch.nn.Module, prefix: str, sharded: bool) -> dict[str, torch.Tensor]:
+    """The unsharded weights under `prefix` of a (possibly FSDP-wrapped) module, prefix stripped. Under FSDP this is
+    collective: call it on every rank; rank 0 gets the full tensors (on the CPU), the others an empty dict."""
+    if sharded:
+        from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
+            state = root.state_dict()
+    else:
+        state = root.state_dict()
+    from fdlight.optim import clean_name
+
+    return {clean_name(k)[len(prefix):]: v for k, v in state.items() if clean_name(k).startswith(prefix)}
+
+
+def trained_state_dict(trainer: L.Trainer, module: L.LightningModule, prefix: str) -> dict[str, torch.Tensor]:
+    """full_state_dict of a fitted LightningModule, gathered through the strategy's wrapped model under FSDP."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    sharded = isinstance(trainer.strategy, FSDPStrategy)
+    return full_state_dict(trainer.strategy.model if sharded else module, prefix, sharded)
 
 
 def write_metrics(run_dir: Path, metrics: dict) -> None:

@@ -17,7 +17,8 @@ from fdlight.models.students import block_classes, build_student, check_drop_pat
 from fdlight.models.teachers import build_teacher
 from fdlight.models.weights import export_timm
 from fdlight.modules.distill import FeatureDistillation
-from fdlight.stages.common import Throughput, build_trainer, check_run_dir, cpu_threads, save_config, write_metrics
+from fdlight.stages.common import (Throughput, build_trainer, check_run_dir, cpu_threads, save_config,
+                                   trained_state_dict, write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,9 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     metrics = {"stage": "distill", "teacher": cfg.teacher.name, "student": cfg.student.name,
                "first_loss": module.first_loss, "last_loss": module.last_loss, "steps": trainer.global_step,
                "img_per_s": meter.img_per_s, "wall_s": wall, "skipped_images": data.skipped_images}
+    student_state = trained_state_dict(trainer, module, "student.")  # collective under FSDP: every rank
     if trainer.is_global_zero:
-        export_timm(module.student, run_dir / "student.safetensors", cfg.student.model, student_kwargs(cfg.student),
+        export_timm(student_state, run_dir / "student.safetensors", cfg.student.model, student_kwargs(cfg.student),
                     teacher=cfg.teacher.name, stage="distill")
         write_metrics(run_dir, metrics)
         log.info("distilled %s <- %s: loss %.4f -> %.4f over %d steps; student at %s", cfg.student.name,

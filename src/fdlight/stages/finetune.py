@@ -20,7 +20,8 @@ from fdlight.models.pretrained import Architecture, build_from_pretrained, downs
 from fdlight.models.students import check_drop_path, student_kwargs
 from fdlight.models.weights import ADAPTERS, classifier_prefixes, export_timm, read_state_dict
 from fdlight.modules.classify import Classifier, FineTune
-from fdlight.stages.common import Throughput, build_trainer, cpu_threads, prepare_run_dir, write_metrics
+from fdlight.stages.common import (Throughput, build_trainer, cpu_threads, prepare_run_dir, trained_state_dict,
+                                   write_metrics)
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,9 @@ def run(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
 def finetune(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     f = cfg.finetune
+    check(not (f.get("ema") and cfg.trainer.strategy == "fsdp"),
+          "finetune.ema keeps a whole copy of the weights that trainer=fsdp's shards cannot update; use trainer=ddp "
+          "or finetune.ema=null")
     data = classification_data(cfg, int(f.batch_size))
     num_classes = data.num_classes
     model, arch, export_kwargs, path = build_classifier(cfg, num_classes)
@@ -145,8 +149,9 @@ def finetune(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
                "img_size": img_size, **val, "first_loss": module.first_loss, "last_loss": module.last_loss,
                "steps": trainer.global_step, "img_per_s": meter.img_per_s, "wall_s": wall,
                "skipped_images": data.skipped_images}
+    model_state = trained_state_dict(trainer, module, "model.")  # collective under FSDP: every rank
     if trainer.is_global_zero:
-        export_timm(module.model, run_dir / "model.safetensors", arch.timm_model, export_kwargs, stage="finetune",
+        export_timm(model_state, run_dir / "model.safetensors", arch.timm_model, export_kwargs, stage="finetune",
                     pretrained=source, num_classes=num_classes)
         if module.ema is not None:
             export_timm(module.ema.module, run_dir / "model_ema.safetensors", arch.timm_model, export_kwargs,
