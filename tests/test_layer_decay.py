@@ -69,10 +69,11 @@ def expected_layer(name: str) -> int:
     return int(m.group(1)) + 1 if m else 3
 
 
-def schedule(step: int, warmup: int, total: int) -> float:
+def schedule(step: int, warmup: int, total: int, peak: float, start: float, end: float) -> float:
+    """Official semantics: warmup from the unscaled start to the group's (scaled) peak, cosine to the unscaled end."""
     if step < warmup:
-        return step / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+        return start + (peak - start) * step / warmup
+    return end + 0.5 * (peak - end) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
 def test_group_lrs_after_real_steps_are_base_times_decay_power_times_schedule(tmp_path):
@@ -83,10 +84,11 @@ def test_group_lrs_after_real_steps_are_base_times_decay_power_times_schedule(tm
     recorder = RecordLrs()
     cfg = compose([*TINY, "stage=finetune", f"finetune.pretrained={student}", "data.num_train=64", "data.num_val=16",
                    "finetune.batch_size=16", "finetune.epochs=3", "finetune.warmup_epochs=1", "finetune.max_steps=9",
-                   "finetune.base_lr=1.0e-3", "finetune.warmup_lr=0", "finetune.min_lr=0", "finetune.layer_decay=0.5"])
+                   "finetune.base_lr=1.0e-3", "finetune.warmup_lr=1.0e-4", "finetune.min_lr=2.0e-4",
+                   "finetune.layer_decay=0.5"])
     run(cfg, tmp_path / "run", callbacks=[recorder])
     assert [step for step, _ in recorder.records] == list(range(1, 10))
-    peak = 1.0e-3 * 16 / 512
+    peak, start, end = 1.0e-3 * 16 / 512, 1.0e-4 * 16 / 512, 2.0e-4 * 16 / 512  # every lr scales by batch / 512
     seen_layers = set()
     for step, groups in recorder.records:
         for lr, names in groups:
@@ -94,7 +96,8 @@ def test_group_lrs_after_real_steps_are_base_times_decay_power_times_schedule(tm
             assert len(layers) == 1, names
             layer = layers.pop()
             seen_layers.add(layer)
-            assert lr == pytest.approx(peak * 0.5 ** (3 - layer) * schedule(step, 4, 12), rel=1e-6, abs=1e-15), \
+            expected = schedule(step, 4, 12, peak * 0.5 ** (3 - layer), start, end)
+            assert lr == pytest.approx(expected, rel=1e-6, abs=1e-15), \
                 (step, names[0])
     assert seen_layers == {0, 1, 2, 3}
     # Once, not twice: after warmup the stem runs at 0.5^3 of the head's lr, not 0.5^6.
