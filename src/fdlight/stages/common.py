@@ -142,17 +142,21 @@ class Throughput(Callback):
 
 def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbacks=(), wrap_classes=None,
                   checkpoint_every: int | None = None, validate: bool = False) -> L.Trainer:
+    """The stage's Lightning Trainer. With `validate`, `<stage>.val_every_n_epochs` sets how often (0: only after
+    training, which the stage runs itself)."""
     t = cfg.trainer
+    max_epochs = int(stage_cfg.epochs)
+    val_every = int(stage_cfg.get("val_every_n_epochs", 1)) or max_epochs + 1
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=checkpoint_every or None, save_on_train_epoch_end=True)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
-        max_epochs=int(stage_cfg.epochs), max_steps=int(stage_cfg.get("max_steps", -1)),
+        max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)),
         accumulate_grad_batches=int(t.accumulate_grad_batches),
         logger=build_logger(cfg, run_dir), callbacks=[ckpt, *callbacks],
         log_every_n_steps=int(stage_cfg.get("log_every_n_steps", 10)),
-        limit_val_batches=None if validate else 0, num_sanity_val_steps=0,
+        limit_val_batches=None if validate else 0, num_sanity_val_steps=0, check_val_every_n_epoch=val_every,
         default_root_dir=str(run_dir), enable_model_summary=False,
     )
 

@@ -19,7 +19,8 @@ from fdlight.errors import check
 from fdlight.models.pyramid import Backbone, DetectionBackbone
 from fdlight.models.weights import read_export_metadata, read_state_dict
 from fdlight.modules.detect import InstanceSegmentation, build_mask_rcnn
-from fdlight.stages.common import Throughput, build_trainer, cpu_threads, prepare_run_dir, write_metrics
+from fdlight.stages.common import (Throughput, build_trainer, cpu_threads, prepare_run_dir, trained_state_dict,
+                                   write_metrics)
 from fdlight.stages.segment import (backbone_model, fit_and_validate, optim_config, palette,
                                     rebuild_backbone, save_model)
 
@@ -125,7 +126,6 @@ def train_detection(cfg: DictConfig, run_dir: Path) -> dict:
     meter = Throughput()
     trainer = build_trainer(cfg, s, run_dir, callbacks=[meter], checkpoint_every=s.checkpoint_every_n_steps,
                             validate=True)
-    trainer.check_val_every_n_epoch = int(s.val_every_n_epochs)
     start = time.perf_counter()
     fit_and_validate(trainer, module, data, resume)
     wall = time.perf_counter() - start
@@ -134,8 +134,9 @@ def train_detection(cfg: DictConfig, run_dir: Path) -> dict:
                **module.val_results, **data.image_counts, "first_loss": module.first_loss,
                "last_loss": module.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
                "wall_s": wall}
+    model_state = trained_state_dict(trainer, module, "model.")  # collective under FSDP: every rank
     if trainer.is_global_zero:
-        save_model(module.model, run_dir / "model.safetensors", "detect", arch, kwargs, head, data=cfg.data.name,
+        save_model(model_state, run_dir / "model.safetensors", "detect", arch, kwargs, head, data=cfg.data.name,
                    pretrained=s.pretrained or "", classes=json.dumps(data.classes))
         write_metrics(run_dir, metrics)
         plot_detections(module, data.val_set, data.classes, run_dir / "predictions.png", s.num_vis)

@@ -102,11 +102,8 @@ def block_types(model: nn.Module) -> set[type]:
 
 
 # ---------------------------------------------------------------------------------------------------------- run
-def fit_and_validate(trainer: L.Trainer, module: Classifier, data: ClassificationData, resume,
-                     val_every_n_epochs: int = 1) -> dict:
-    """Train (validating every n epochs; 0: never during training), then make sure the reported metrics belong to the
-    final weights (max_steps can stop mid-epoch)."""
-    trainer.check_val_every_n_epoch = int(val_every_n_epochs) or trainer.max_epochs + 1
+def fit_and_validate(trainer: L.Trainer, module: Classifier, data: ClassificationData, resume) -> dict:
+    """Train, then make sure the reported metrics belong to the final weights (max_steps can stop mid-epoch)."""
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     if module.validated_step != trainer.global_step:
         trainer.validate(module, datamodule=data, verbose=False)
@@ -142,7 +139,7 @@ def finetune(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     trainer = build_trainer(cfg, f, run_dir, callbacks=[meter, *callbacks], wrap_classes=block_types(model),
                             checkpoint_every=f.checkpoint_every_n_steps, validate=True)
     start = time.perf_counter()
-    val = fit_and_validate(trainer, module, data, resume, f.val_every_n_epochs)
+    val = fit_and_validate(trainer, module, data, resume)
     wall = time.perf_counter() - start
     source = str(path) if path else f"scratch:{f.scratch}"
     metrics = {"stage": "finetune", "pretrained": source, "model": arch.timm_model, "num_classes": num_classes,

@@ -48,7 +48,7 @@ def probe(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     trainer = build_trainer(cfg, c, run_dir, callbacks=[meter, *callbacks], checkpoint_every=c.checkpoint_every_n_steps,
                             validate=True)
     start = time.perf_counter()
-    val = fit_and_validate(trainer, module, data, resume, c.val_every_n_epochs)
+    val = fit_and_validate(trainer, module, data, resume)
     wall = time.perf_counter() - start
     metrics = {"stage": "linear", "pretrained": str(path), "model": arch.timm_model, "num_classes": num_classes,
                "img_size": img_size, **val, "first_loss": module.first_loss, "last_loss": module.last_loss,

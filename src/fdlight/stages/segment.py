@@ -30,7 +30,8 @@ from fdlight.models.upernet import UPerNet
 from fdlight.models.upernet_gpu_check import bench, main as gpu_check_main  # noqa: F401 - bench re-exported
 from fdlight.models.weights import atomic_save_safetensors, read_export_metadata, read_state_dict
 from fdlight.modules.segment import SemanticSegmentation
-from fdlight.stages.common import Throughput, build_trainer, cpu_threads, prepare_run_dir, write_metrics
+from fdlight.stages.common import (Throughput, build_trainer, cpu_threads, prepare_run_dir, trained_state_dict,
+                                   write_metrics)
 
 log = logging.getLogger(__name__)
 OPTIM_KEYS = ("lr", "warmup_lr", "min_lr", "warmup_steps", "schedule", "power", "layer_decay", "weight_decay",
@@ -88,13 +89,13 @@ def fit_and_validate(trainer: L.Trainer, module: L.LightningModule, data, resume
         raise user_error(e) from None
 
 
-def save_model(model: nn.Module, path: Path, task: str, arch: Architecture, timm_kwargs: dict, head: dict,
+def save_model(state: dict, path: Path, task: str, arch: Architecture, timm_kwargs: dict, head: dict,
                **extra) -> None:
-    """The whole model (backbone + neck + head), with what rebuilds it in the metadata."""
+    """The whole model's weights (backbone + neck + head), with what rebuilds it in the metadata."""
     meta = {"format": "fdlight", "task": task, "backbone_model": arch.timm_model,
             "backbone_kwargs": json.dumps(timm_kwargs), "head": json.dumps(head)}
     meta.update({k: str(v) for k, v in extra.items()})
-    atomic_save_safetensors(model.state_dict(), path, meta)
+    atomic_save_safetensors(state, path, meta)
 
 
 def rebuild_backbone(meta: dict) -> nn.Module:
@@ -204,7 +205,6 @@ def train_segmentation(cfg: DictConfig, run_dir: Path) -> dict:
     meter = Throughput()
     trainer = build_trainer(cfg, s, run_dir, callbacks=[meter], checkpoint_every=s.checkpoint_every_n_steps,
                             validate=True)
-    trainer.check_val_every_n_epoch = int(s.val_every_n_epochs)
     start = time.perf_counter()
     fit_and_validate(trainer, module, data, resume)
     wall = time.perf_counter() - start
@@ -213,8 +213,9 @@ def train_segmentation(cfg: DictConfig, run_dir: Path) -> dict:
                "crop_size": int(s.crop_size), **module.val_results, "first_loss": module.first_loss,
                "last_loss": module.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
                "wall_s": wall}
+    model_state = trained_state_dict(trainer, module, "model.")  # collective under FSDP: every rank
     if trainer.is_global_zero:
-        save_model(module.model, run_dir / "model.safetensors", "segment", arch, kwargs, head,
+        save_model(model_state, run_dir / "model.safetensors", "segment", arch, kwargs, head,
                    data=cfg.data.name, pretrained=s.pretrained or "")
         write_metrics(run_dir, metrics)
         plot_predictions(module, data.val_set, run_dir / "predictions.png", s.num_vis)
