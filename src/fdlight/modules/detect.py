@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import io
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.detection import MeanAveragePrecision
@@ -20,9 +19,8 @@ from torchvision.ops import MultiScaleRoIAlign
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
 from fdlight.models.pyramid import DetectionBackbone
-from fdlight.modules.guards import check_finite, clip_gradients
-from fdlight.modules.segment import dense_optimizer
-from fdlight.optim import original_ndims
+from fdlight.modules.guards import check_finite
+from fdlight.modules.segment import DenseTask
 
 LEVELS = ["0", "1", "2", "3"]
 
@@ -89,11 +87,12 @@ def new_map_metric() -> MeanAveragePrecision:
     return MeanAveragePrecision(iou_type=("bbox", "segm"), box_format="xyxy", backend="faster_coco_eval")
 
 
-class InstanceSegmentation(L.LightningModule):
+class InstanceSegmentation(DenseTask):
+    backbone_path = "backbone.body"
+
     def __init__(self, model: MaskRCNN, optim: dict, mask_threshold: float = 0.5):
-        super().__init__()
-        self.model, self.optim_cfg, self.mask_threshold = model, dict(optim), float(mask_threshold)
-        self.param_ndims = original_ndims(model)  # before any FSDP wrapping flattens them
+        super().__init__(model, optim)
+        self.mask_threshold = float(mask_threshold)
         self.map = new_map_metric()
         self.first_loss = self.last_loss = None
         self.val_results: dict = {}
@@ -133,19 +132,3 @@ class InstanceSegmentation(L.LightningModule):
             self.log(k, v, prog_bar=k == "val/bbox_mAP")
         self.val_results, self.val_step = results, self.global_step
 
-    def optimizer(self, total_steps: int) -> dict:
-        """AdamW with layer decay over the backbone's layers (pyramid and heads at scale 1) and its schedule."""
-        bb = self.model.backbone.body
-
-        def layer_of(name: str) -> int:
-            prefix = "backbone.body.model."
-            return bb.layer_id(name[len(prefix):]) if name.startswith(prefix) else bb.num_layers - 1
-
-        return dense_optimizer(list(self.model.named_parameters()), self.optim_cfg, layer_of, bb.num_layers,
-                               total_steps, fused=self.device.type == "cuda", ndims=self.param_ndims)
-
-    def configure_optimizers(self):
-        return self.optimizer(int(self.trainer.estimated_stepping_batches))
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))

@@ -55,14 +55,40 @@ def dense_optimizer(named, optim: dict, layer_of, num_layers: int, total_steps: 
 
 
 # ------------------------------------------------------------------------------------------------------ module
-class SemanticSegmentation(L.LightningModule):
-    def __init__(self, model: UPerNet, optim: dict, eval_mode: str = "slide", eval_stride: int | None = None,
-                 aux_weight: float = 0.4, eval_chunk: int = 8):
+class DenseTask(L.LightningModule):
+    """What the dense modules share: layer-decayed AdamW over `model.<backbone_path>`'s layers (necks and heads at
+    scale 1), its per-step schedule, and clipping."""
+
+    backbone_path = "backbone"
+
+    def __init__(self, model: torch.nn.Module, optim: dict):
         super().__init__()
-        if eval_mode not in ("slide", "whole"):
-            raise FDLightError(f"segment.eval_mode={eval_mode!r}; use slide or whole")
         self.model, self.optim_cfg = model, dict(optim)
         self.param_ndims = original_ndims(model)  # before any FSDP wrapping flattens them
+
+    def optimizer(self, total_steps: int) -> dict:
+        bb = self.model.get_submodule(self.backbone_path)
+        prefix = f"{self.backbone_path}.model."
+
+        def layer_of(name: str) -> int:
+            return bb.layer_id(name[len(prefix):]) if name.startswith(prefix) else bb.num_layers - 1
+
+        return dense_optimizer(list(self.model.named_parameters()), self.optim_cfg, layer_of, bb.num_layers,
+                               total_steps, fused=self.device.type == "cuda", ndims=self.param_ndims)
+
+    def configure_optimizers(self):
+        return self.optimizer(int(self.trainer.estimated_stepping_batches))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))
+
+
+class SemanticSegmentation(DenseTask):
+    def __init__(self, model: UPerNet, optim: dict, eval_mode: str = "slide", eval_stride: int | None = None,
+                 aux_weight: float = 0.4, eval_chunk: int = 8):
+        if eval_mode not in ("slide", "whole"):
+            raise FDLightError(f"segment.eval_mode={eval_mode!r}; use slide or whole")
+        super().__init__(model, optim)
         self.eval_mode, self.aux_weight, self.eval_chunk = eval_mode, float(aux_weight), int(eval_chunk)
         self.crop = model.backbone.img_size
         self.eval_stride = int(eval_stride or math.ceil(self.crop * 2 / 3))  # mmseg: 341 for 512
@@ -141,20 +167,3 @@ class SemanticSegmentation(L.LightningModule):
             self.log(k, v, prog_bar=k == "val/mIoU", sync_dist=False)
         self.val_results, self.val_step = results, self.global_step
 
-    # ---------------------------------------------------------------------------------------------- optimizer
-    def optimizer(self, total_steps: int) -> dict:
-        """AdamW with layer decay over the backbone's layers (decoder at scale 1) and its per-step schedule."""
-        bb = self.model.backbone
-
-        def layer_of(name: str) -> int:
-            prefix = "backbone.model."
-            return bb.layer_id(name[len(prefix):]) if name.startswith(prefix) else bb.num_layers - 1
-
-        return dense_optimizer(list(self.model.named_parameters()), self.optim_cfg, layer_of, bb.num_layers,
-                               total_steps, fused=self.device.type == "cuda", ndims=self.param_ndims)
-
-    def configure_optimizers(self):
-        return self.optimizer(int(self.trainer.estimated_stepping_batches))
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))
