@@ -16,12 +16,8 @@ GRID, STRIDE = (3, 4), 16.0  # non-square, so a transposed raster order would sh
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run much faster on one thread (and do not fight other tests for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_models_on_one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
 
 
 def brute_mean_pairwise(grid, stride, weight_fn):
