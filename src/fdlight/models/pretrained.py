@@ -15,6 +15,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.errors import FDLightError, check
+from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.weights import (ADAPTERS, classifier_prefixes, load_timm_state_dict, read_export_metadata,
                                     read_state_dict)
 
@@ -82,6 +83,7 @@ def build_from_pretrained(path: str | Path | None, num_classes: int, drop_path: 
     arch = arch or architecture_of(path, teacher_cfg)
     model = timm.create_model(arch.timm_model, pretrained=False,
                               **downstream_kwargs(arch, num_classes, drop_path, pool, **overrides))
+    gemm_patch_embed(model)
     if path is None:
         return model, arch
     sd = ADAPTERS[arch.adapter](read_state_dict(path))

@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdlight.errors import check
 from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
+from fdlight.models.patch_embed import gemm_patch_embed
 
 
 def student_kwargs(cfg: DictConfig) -> dict:
@@ -36,6 +37,7 @@ def build_student(cfg: DictConfig, drop_path: float = 0.0, num_classes: int | No
                               **kwargs)
     if cfg.get("init") == "fd" and not _on_meta(model):
         fd_vit_init(model)
+    gemm_patch_embed(model)
     return model
 
 

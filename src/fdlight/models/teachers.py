@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdlight.errors import FDLightError, check
 from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
+from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.weights import (ADAPTERS, WEIGHT_SUFFIXES, classifier_prefixes, go_offline, is_torchscript,
                                     load_timm_state_dict, network_available, read_state_dict, summarize_load_error)
 
@@ -165,4 +166,5 @@ def build_teacher(cfg: DictConfig, drop_path: float = 0.0, seed: int = 0) -> Tea
         else:
             raise FDLightError(f"unknown teacher.builder {cfg.builder!r}; use timm or open_clip")
     layout = checked_layout(OmegaConf.to_container(cfg, resolve=True), actual, "teacher")
+    gemm_patch_embed(model)
     return Teacher(model, tokens, layout, list(mean), list(std), cfg.name)

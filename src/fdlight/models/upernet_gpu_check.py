@@ -9,6 +9,7 @@ import time
 import torch
 
 from fdlight.errors import check
+from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.pyramid import Backbone
 from fdlight.models.upernet import IGNORE, UPerNet, segmentation_loss
 
@@ -30,6 +31,7 @@ def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768
     torch.backends.cudnn.benchmark = True
     vit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=size, num_classes=0,
                             use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, drop_path_rate=0.1)
+    gemm_patch_embed(vit)
     model = UPerNet(Backbone(vit), num_classes=150, channels=channels, aux_channels=256).to(device)
     model = model.to(memory_format=torch.channels_last)
     step_fn = torch.compile(model) if compile_model else model

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from fdlight.data.dense import IGNORE, SegmentationData
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError, check
+from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.pretrained import Architecture, build_from_pretrained, downstream_kwargs
 from fdlight.models.pyramid import Backbone
 from fdlight.models.students import check_drop_path, student_kwargs
@@ -101,7 +102,9 @@ def save_model(state: dict, path: Path, task: str, arch: Architecture, timm_kwar
 def rebuild_backbone(meta: dict) -> nn.Module:
     import timm
 
-    return timm.create_model(meta["backbone_model"], pretrained=False, **json.loads(meta["backbone_kwargs"]))
+    model = timm.create_model(meta["backbone_model"], pretrained=False, **json.loads(meta["backbone_kwargs"]))
+    gemm_patch_embed(model)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------- the model
