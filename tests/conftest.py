@@ -12,6 +12,8 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
+if not torch.cuda.is_available():  # Triton kernels (trainer.attention=triton) run in its CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY = ["trainer=cpu", "logger=csv"]
 

@@ -127,12 +127,14 @@ def finetune_bench(cfg, batch: int, args, dev: str) -> dict:
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
 
+    from fdlight.models.attention import set_attention
     from fdlight.models.pretrained import Architecture, build_from_pretrained
     from fdlight.models.students import student_kwargs
     from fdlight.optim import adamw_with_schedule, param_groups
 
     arch = Architecture(cfg.student.model, student_kwargs(cfg.student))
     model, _ = build_from_pretrained(None, num_classes=1000, drop_path=0.1, arch=arch)
+    set_attention(model, cfg.trainer.attention)
     model = model.to(dev)
     opt, sched = adamw_with_schedule(param_groups(model.named_parameters(), 0.05, cfg.student.no_decay_keywords),
                                      5e-3, 1e-6, 1e-6, 100, 10_000, fused=dev == "cuda")

@@ -9,13 +9,14 @@ import time
 import torch
 
 from fdlight.errors import check
+from fdlight.models.attention import set_attention
 from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.pyramid import Backbone
 from fdlight.models.upernet import IGNORE, UPerNet, segmentation_loss
 
 
 def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768, warmup: int = 5,
-          compile_model: bool = False, device: str | None = None) -> float | None:
+          compile_model: bool = False, device: str | None = None, attention: str = "sdpa") -> float | None:
     """Training images/s of ViT-B/16 (FD student shape, per-block bias, random weights) + UPerNet at `size`, bf16
     autocast, AdamW, on random tensors. Returns None (with a message) when there is no GPU."""
     if device is None and not torch.cuda.is_available():
@@ -32,6 +33,7 @@ def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768
     vit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=size, num_classes=0,
                             use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, drop_path_rate=0.1)
     gemm_patch_embed(vit)
+    set_attention(vit, attention)
     model = UPerNet(Backbone(vit), num_classes=150, channels=channels, aux_channels=256).to(device)
     model = model.to(memory_format=torch.channels_last)
     step_fn = torch.compile(model) if compile_model else model
@@ -57,7 +59,7 @@ def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768
     mem = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if cuda else ""
     print(f"segment bench: ViT-B/16 + UPerNet({channels}) at {size}px, batch {batch}, bf16, {where}: "
           f"{ips:.1f} img/s ({1000 * sum(timings) / len(timings):.0f} ms/step{mem}, loss {float(loss.detach()):.3f}, "
-          f"compile={compile_model})")
+          f"compile={compile_model}, attention={attention})")
     check(math.isfinite(float(loss.detach())), "the benchmark loss is not finite")
     return ips
 
@@ -72,8 +74,9 @@ def main(argv=None) -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--channels", type=int, default=768)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--attention", choices=["sdpa", "triton"], default="sdpa")
     args = p.parse_args(argv)
-    bench(args.steps, args.batch, args.size, args.channels, compile_model=args.compile)
+    bench(args.steps, args.batch, args.size, args.channels, compile_model=args.compile, attention=args.attention)
 
 
 if __name__ == "__main__":

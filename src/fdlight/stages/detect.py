@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from fdlight.data.dense import DetectionData
 from fdlight.errors import check
+from fdlight.models.attention import set_attention
 from fdlight.models.pyramid import Backbone, DetectionBackbone
 from fdlight.models.weights import read_export_metadata, read_state_dict
 from fdlight.modules.detect import InstanceSegmentation, build_mask_rcnn
@@ -42,6 +43,7 @@ def detector(backbone_net, head: dict):
 def build_detection(cfg: DictConfig, s: DictConfig, num_classes: int):
     """The LightningModule, the backbone architecture, its timm kwargs and the head config (for model.safetensors)."""
     model, arch, kwargs = backbone_model(cfg, s, int(s.img_size), "detect")
+    set_attention(model, cfg.trainer.attention)
     indices = list(s.indices) if s.get("indices") is not None else None
     head = dict(indices=indices, num_classes=int(num_classes), img_size=int(s.img_size),
                 fpn_channels=int(s.fpn_channels), anchor_sizes=[int(a) for a in s.anchor_sizes],

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdlight.data.classification import ClassificationData
 from fdlight.data.transforms import fd_train_transform
+from fdlight.models.attention import set_attention
 from fdlight.models.drop_path import set_drop_path_mode
 from fdlight.models.layout import TokenLayout, check_grids
 from fdlight.models.students import block_classes, build_student, check_drop_path, student_kwargs, student_layout
@@ -53,7 +54,8 @@ def build_distillation(cfg: DictConfig) -> FeatureDistillation:
         check_grids(*declared, matching=students_with_grid(declared[1].grid))
     teacher = build_teacher(cfg.teacher, drop_path=dp_teacher, seed=cfg.seed)
     student = build_student(cfg.student, drop_path=dp_student)
-    set_drop_path_mode(student, cfg.drop_path.get("mode", "bernoulli"))
+    set_drop_path_mode(student, cfg.drop_path.mode)
+    set_attention(student, cfg.trainer.attention)
     d = cfg.distill
     module = FeatureDistillation(
         student, student_layout(cfg.student, student), teacher,

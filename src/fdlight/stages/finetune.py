@@ -15,6 +15,7 @@ from fdlight.data.classification import ClassificationData
 from fdlight.data.finetune_transforms import finetune_train_transform
 from fdlight.data.transforms import eval_transform
 from fdlight.errors import FDLightError, check
+from fdlight.models.attention import set_attention
 from fdlight.models.layout import timm_layout
 from fdlight.models.pretrained import Architecture, build_from_pretrained, downstream_kwargs
 from fdlight.models.students import check_drop_path, student_kwargs
@@ -128,6 +129,7 @@ def finetune(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     data = classification_data(cfg, int(f.batch_size))
     num_classes = data.num_classes
     model, arch, export_kwargs, path = build_classifier(cfg, num_classes)
+    set_attention(model, cfg.trainer.attention)
     img_size = timm_layout(model).img_size
     data.set_transforms(finetune_train_transform(img_size, f.auto_augment, f.re_prob, f.min_scale),
                       eval_transform(img_size, f.crop_pct))

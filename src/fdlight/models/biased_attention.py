@@ -1,0 +1,214 @@
+"""Fused attention with an additive bias that gets a gradient, in Triton (`trainer.attention=triton`, experimental).
+
+softmax(q k^T * scale + bias) v for q, k, v of shape (B, H, N, D) and a bias of shape (H, N, N) shared by the batch
+(the FD student's shared relative position bias, BEiT's per-block bias). PyTorch's SDPA has no fast kernel for a bias
+that needs a gradient: it falls back to the memory-efficient kernel, whose backward dominates the FD student's
+attention (fdlight's README, Benchmarks). These kernels are flash-attention style (online softmax, nothing of size
+N x N stored), and the backward adds each sample's dS tile into one fp32 bias gradient.
+
+The kernels are registered as `torch.library.custom_op`s with fake implementations and an autograd formula, so
+torch.compile treats the forward and the backward as opaque ops.
+On a CPU they run under Triton's interpreter (TRITON_INTERPRET=1), which is how the tests check them.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _scores(q, k, bias_ptrs, offs_m, offs_n, n_ctx, qk_scale):
+    """Log2-domain scores of one (BLOCK_M, BLOCK_N) tile: (q k^T * scale + bias) * log2(e), -inf outside."""
+    valid = (offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx)
+    bias = tl.load(bias_ptrs, mask=valid, other=0.0).to(tl.float32)
+    s = tl.dot(q, tl.trans(k)) * qk_scale + bias * 1.4426950408889634
+    return tl.where(offs_n[None, :] < n_ctx, s, float("-inf"))
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, BIAS, O, LSE, n_ctx, n_heads, qk_scale,
+                sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sob, soh, son,
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=offs_m[:, None] < n_ctx,
+                other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, n_ctx, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < n_ctx,
+                    other=0.0)
+        s = _scores(q, k, BIAS + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], offs_m, offs_n, n_ctx, qk_scale)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=offs_n[:, None] < n_ctx,
+                    other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    rows = offs_m < n_ctx
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty),
+             mask=rows[:, None])
+    tl.store(LSE + pid_bh * n_ctx + offs_m, m_i + tl.math.log2(l_i), mask=rows)  # log2 domain
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DBIAS, n_ctx, n_heads, qk_scale, sm_scale,
+                     sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sdb, sdh, sdn, sgb, sgh, sgn,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One key block of one (b, h): dK, dV over every query block, and this sample's share of dBias."""
+    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    cols = offs_n < n_ctx
+    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None], other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    for start_m in range(0, n_ctx, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        rows = offs_m < n_ctx
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
+        s = _scores(q, k, BIAS + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], offs_m, offs_n, n_ctx, qk_scale)
+        lse = tl.load(LSE + pid_bh * n_ctx + offs_m, mask=rows, other=0.0)
+        p = tl.where(rows[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=rows[:, None], other=0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        delta = tl.load(DELTA + pid_bh * n_ctx + offs_m, mask=rows, other=0.0)
+        ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        tl.atomic_add(DBIAS + h * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :], ds,
+                      mask=rows[:, None] & cols[None, :])
+    out = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :]  # dK, dV share dQ's layout
+    tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols[:, None])
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cols[:, None])
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ, n_ctx, n_heads, qk_scale, sm_scale,
+                   sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sdb, sdh, sdn, sgb, sgh, sgn,
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query block of one (b, h): dQ over every key block."""
+    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    b, h = pid_bh // n_heads, pid_bh % n_heads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    rows = offs_m < n_ctx
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=rows[:, None], other=0.0)
+    lse = tl.load(LSE + pid_bh * n_ctx + offs_m, mask=rows, other=0.0)
+    delta = tl.load(DELTA + pid_bh * n_ctx + offs_m, mask=rows, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, n_ctx, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < n_ctx,
+                    other=0.0)
+        s = _scores(q, k, BIAS + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], offs_m, offs_n, n_ctx, qk_scale)
+        p = tl.where(rows[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
+        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=offs_n[:, None] < n_ctx,
+                    other=0.0)
+        ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=rows[:, None])
+
+
+def _blocks(head_dim: int) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_N=64)
+
+
+def _strides(*tensors):
+    return [s for t in tensors for s in t.stride()[:3]]
+
+
+def _forward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, n, d = q.shape
+    out = torch.empty((b, n, h, d), device=q.device, dtype=q.dtype).transpose(1, 2)  # (B, H, N, D) view
+    return out, torch.empty((b * h, n), device=q.device, dtype=torch.float32)
+
+
+def _backward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    b, h, n, d = q.shape
+    dq, dk, dv = (torch.empty((b, n, h, d), device=q.device, dtype=q.dtype).transpose(1, 2) for _ in range(3))
+    return dq, dk, dv, torch.zeros((h, n, n), device=q.device, dtype=torch.float32)
+
+
+@torch.library.custom_op("fdlight::biased_attention_fwd", mutates_args=())
+def biased_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, n, d = q.shape
+    out, lse = _forward_outputs(q)
+    grid = (triton.cdiv(n, 64), b * h)
+    _fwd_kernel[grid](q, k, v, bias, out, lse, n, h, scale * LOG2E,
+                                   *_strides(q, k, v), bias.stride(0), bias.stride(1), *_strides(out),
+                                   **_blocks(d))
+    return out, lse
+
+
+@biased_attention_fwd.register_fake
+def _(q, k, v, bias, scale):
+    return _forward_outputs(q)
+
+
+@torch.library.custom_op("fdlight::biased_attention_bwd", mutates_args=())
+def biased_attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor,
+                         scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, n, d = q.shape
+    if grad.stride(-1) != 1:
+        grad = grad.contiguous()
+    delta = (grad.float() * out.float()).sum(-1).reshape(b * h, n)
+    dq, dk, dv, dbias = _backward_outputs(q)
+    common = [*_strides(q, k, v), bias.stride(0), bias.stride(1), *_strides(grad, dq)]
+    _bwd_dkdv_kernel[(triton.cdiv(n, 64), b * h)](
+        q, k, v, bias, grad, lse, delta, dk, dv, dbias, n, h, scale * LOG2E, scale, *common, **_blocks(d))
+    _bwd_dq_kernel[(triton.cdiv(n, 64), b * h)](
+        q, k, v, bias, grad, lse, delta, dq, n, h, scale * LOG2E, scale, *common, **_blocks(d))
+    return dq, dk, dv, dbias
+
+
+@biased_attention_bwd.register_fake
+def _(grad, q, k, v, bias, out, lse, scale):
+    return _backward_outputs(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, bias, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, bias, out, lse)
+    ctx.scale = scale
+    ctx.bias_dtype = bias.dtype
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, bias, out, lse = ctx.saved_tensors
+    dq, dk, dv, dbias = biased_attention_bwd(grad_out, q, k, v, bias, out, lse, ctx.scale)
+    return dq, dk, dv, dbias.to(ctx.bias_dtype), None
+
+
+biased_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v; q, k, v (B, H, N, D) with the same strides, bias (H, N, N) or (1, H, N, N)."""
+    if bias.dim() == 4:
+        bias = bias[0]
+    if bias.stride(-1) != 1:
+        bias = bias.contiguous()
+    d = q.shape[-1]
+    if q.stride() != k.stride() or q.stride() != v.stride() or q.stride(-1) != 1:
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    return biased_attention_fwd(q, k, v, bias, scale if scale is not None else 1.0 / math.sqrt(d))[0]
