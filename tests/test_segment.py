@@ -294,3 +294,16 @@ def test_a_teachers_own_weights_fine_tune_as_the_baseline(tmp_path):
     assert metrics["backbone"] == "vit_tiny_patch16_224" and metrics["steps"] == 1
     model = load_segmenter(tmp_path / "run" / "model.safetensors")
     assert model.backbone.model.pos_embed.shape[1] == 1 + 8 * 8  # 32 px / 8 -> 64 px / 8
+
+
+def test_compiled_training_forward_matches_eager_and_adds_no_state(tmp_path):
+    cfg = compose([*TINY, *FAST, "trainer.compile=true"])
+    module, *_ = build_segmentation(cfg, cfg.segment, 10)
+    module.model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(module.train_forward(x), module.model(x), atol=1e-4)
+    assert module._compiled is not None
+    assert not any("_orig_mod" in k for k in module.state_dict())
+    metrics = run_stage([*FAST, "trainer.compile=true", "segment.max_steps=2"], tmp_path / "run")
+    assert metrics["steps"] == 2 and np.isfinite(metrics["last_loss"])

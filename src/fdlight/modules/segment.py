@@ -85,7 +85,7 @@ class DenseTask(L.LightningModule):
 
 class SemanticSegmentation(DenseTask):
     def __init__(self, model: UPerNet, optim: dict, eval_mode: str = "slide", eval_stride: int | None = None,
-                 aux_weight: float = 0.4, eval_chunk: int = 8):
+                 aux_weight: float = 0.4, eval_chunk: int = 8, compile_model: bool = False):
         if eval_mode not in ("slide", "whole"):
             raise FDLightError(f"segment.eval_mode={eval_mode!r}; use slide or whole")
         super().__init__(model, optim)
@@ -98,10 +98,28 @@ class SemanticSegmentation(DenseTask):
         self.first_loss = self.last_loss = None
         self.val_results: dict = {}
         self.val_step = -1
+        self.compile_model = compile_model
+        self._compiled = None
+
+    def train_forward(self, x: torch.Tensor):
+        """The model's training forward, compiled on request (`trainer.compile=true`) on first use, i.e. after any
+        SyncBatchNorm conversion or sharding. Held outside the module tree, where the compiled wrapper would add a
+        second copy of every parameter name to the state dict."""
+        if not self.compile_model:
+            return self.model(x)
+        if self._compiled is None:
+            object.__setattr__(self, "_compiled", torch.compile(self.model))
+        return self._compiled(x)
+
+    def on_fit_start(self) -> None:
+        if self.device.type == "cuda":  # cuDNN's convolutions of the head run in NHWC
+            self.model.to(memory_format=torch.channels_last)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = segmentation_loss(self.model(x), y, self.aux_weight)
+        if x.is_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        loss = segmentation_loss(self.train_forward(x), y, self.aux_weight)
         value = check_finite(loss, self.global_step, "segmentation", "lower segment.base_lr or check the data")
         self.first_loss = value if self.first_loss is None else self.first_loss
         self.last_loss = value

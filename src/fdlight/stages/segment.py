@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from fdlight.data.dense import IGNORE, SegmentationData
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError, check
+from fdlight.models.attention import set_attention
 from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.pretrained import Architecture, build_from_pretrained, downstream_kwargs
 from fdlight.models.pyramid import Backbone
@@ -111,6 +112,7 @@ def rebuild_backbone(meta: dict) -> nn.Module:
 def build_segmentation(cfg: DictConfig, s: DictConfig, num_classes: int):
     """The LightningModule, the backbone architecture, its timm kwargs and the head config (for model.safetensors)."""
     model, arch, kwargs = backbone_model(cfg, s, int(s.crop_size), "segment")
+    set_attention(model, cfg.trainer.attention)
     indices = list(s.indices) if s.get("indices") is not None else None
     backbone = Backbone(model, indices)
     head = dict(indices=indices, num_classes=int(num_classes), channels=int(s.channels),
@@ -118,7 +120,7 @@ def build_segmentation(cfg: DictConfig, s: DictConfig, num_classes: int):
     seg = UPerNet(backbone, num_classes=head["num_classes"], channels=head["channels"],
                   aux_channels=head["aux_channels"], norm=head["norm"], dropout=head["dropout"])
     module = SemanticSegmentation(seg, optim_config(s), s.eval_mode, s.get("eval_stride"), s.aux_weight,
-                                  s.get("eval_chunk", 8))
+                                  s.get("eval_chunk", 8), compile_model=bool(cfg.trainer.compile))
     return module, arch, kwargs, head
 
 
