@@ -22,11 +22,23 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _scores(q, k, bias_ptrs, offs_m, offs_n, n_ctx, qk_scale):
+def _tile(ptr, base, stride_n, offs, offs_d, n_ctx):
+    """Rows `offs` (zero past n_ctx) of one (b, h)'s (N, D) slice starting at ptr + base."""
+    return tl.load(ptr + base + offs[:, None] * stride_n + offs_d[None, :], mask=offs[:, None] < n_ctx, other=0.0)
+
+
+@triton.jit
+def _stats(ptr, pid_bh, offs, n_ctx):
+    """One value per query row of one (b, h) (the log-sum-exp or delta), zero past n_ctx."""
+    return tl.load(ptr + pid_bh * n_ctx + offs, mask=offs < n_ctx, other=0.0)
+
+
+@triton.jit
+def _scores(q, k, BIAS, bias_base, sbm, offs_m, offs_n, n_ctx, qk_scale):
     """Log2-domain scores of one (BLOCK_M, BLOCK_N) tile: (q k^T * scale + bias) * log2(e), -inf outside."""
     valid = (offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx)
-    bias = tl.load(bias_ptrs, mask=valid, other=0.0).to(tl.float32)
-    s = tl.dot(q, tl.trans(k)) * qk_scale + bias * 1.4426950408889634
+    bias = tl.load(BIAS + bias_base + offs_m[:, None] * sbm + offs_n[None, :], mask=valid, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale + bias.to(tl.float32) * 1.4426950408889634
     return tl.where(offs_n[None, :] < n_ctx, s, float("-inf"))
 
 
@@ -34,32 +46,29 @@ def _scores(q, k, bias_ptrs, offs_m, offs_n, n_ctx, qk_scale):
 def _fwd_kernel(Q, K, V, BIAS, O, LSE, n_ctx, n_heads, qk_scale,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sob, soh, son,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One query block of one (b, h): the output rows and their log-sum-exp, keys streamed with an online softmax."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=offs_m[:, None] < n_ctx,
-                other=0.0)
+    q = _tile(Q, b * sqb + h * sqh, sqn, offs_m, offs_d, n_ctx)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start_n in range(0, n_ctx, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < n_ctx,
-                    other=0.0)
-        s = _scores(q, k, BIAS + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], offs_m, offs_n, n_ctx, qk_scale)
+        k = _tile(K, b * skb + h * skh, skn, offs_n, offs_d, n_ctx)
+        s = _scores(q, k, BIAS, h * sbh, sbm, offs_m, offs_n, n_ctx, qk_scale)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=offs_n[:, None] < n_ctx,
-                    other=0.0)
+        v = _tile(V, b * svb + h * svh, svn, offs_n, offs_d, n_ctx)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    acc = acc / l_i[:, None]
     rows = offs_m < n_ctx
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], acc.to(O.dtype.element_ty),
-             mask=rows[:, None])
+    out = (acc / l_i[:, None]).to(O.dtype.element_ty)
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out, mask=rows[:, None])
     tl.store(LSE + pid_bh * n_ctx + offs_m, m_i + tl.math.log2(l_i), mask=rows)  # log2 domain
 
 
@@ -73,21 +82,19 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DBIAS, n_ctx, n_head
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = offs_n < n_ctx
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=cols[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=cols[:, None], other=0.0)
+    k = _tile(K, b * skb + h * skh, skn, offs_n, offs_d, n_ctx)
+    v = _tile(V, b * svb + h * svh, svn, offs_n, offs_d, n_ctx)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     for start_m in range(0, n_ctx, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows = offs_m < n_ctx
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
-        s = _scores(q, k, BIAS + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], offs_m, offs_n, n_ctx, qk_scale)
-        lse = tl.load(LSE + pid_bh * n_ctx + offs_m, mask=rows, other=0.0)
-        p = tl.where(rows[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=rows[:, None], other=0.0)
+        q = _tile(Q, b * sqb + h * sqh, sqn, offs_m, offs_d, n_ctx)
+        s = _scores(q, k, BIAS, h * sbh, sbm, offs_m, offs_n, n_ctx, qk_scale)
+        p = tl.where(rows[:, None], tl.math.exp2(s - _stats(LSE, pid_bh, offs_m, n_ctx)[:, None]), 0.0)
+        do = _tile(DO, b * sdb + h * sdh, sdn, offs_m, offs_d, n_ctx)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        delta = tl.load(DELTA + pid_bh * n_ctx + offs_m, mask=rows, other=0.0)
-        ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None])
+        ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - _stats(DELTA, pid_bh, offs_m, n_ctx)[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
         tl.atomic_add(DBIAS + h * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :], ds,
                       mask=rows[:, None] & cols[None, :])
@@ -106,19 +113,17 @@ def _bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ, n_ctx, n_heads, qk_scale, 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < n_ctx
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=rows[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :], mask=rows[:, None], other=0.0)
-    lse = tl.load(LSE + pid_bh * n_ctx + offs_m, mask=rows, other=0.0)
-    delta = tl.load(DELTA + pid_bh * n_ctx + offs_m, mask=rows, other=0.0)
+    q = _tile(Q, b * sqb + h * sqh, sqn, offs_m, offs_d, n_ctx)
+    do = _tile(DO, b * sdb + h * sdh, sdn, offs_m, offs_d, n_ctx)
+    lse = _stats(LSE, pid_bh, offs_m, n_ctx)
+    delta = _stats(DELTA, pid_bh, offs_m, n_ctx)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start_n in range(0, n_ctx, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=offs_n[:, None] < n_ctx,
-                    other=0.0)
-        s = _scores(q, k, BIAS + h * sbh + offs_m[:, None] * sbm + offs_n[None, :], offs_m, offs_n, n_ctx, qk_scale)
+        k = _tile(K, b * skb + h * skh, skn, offs_n, offs_d, n_ctx)
+        s = _scores(q, k, BIAS, h * sbh, sbm, offs_m, offs_n, n_ctx, qk_scale)
         p = tl.where(rows[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=offs_n[:, None] < n_ctx,
-                    other=0.0)
+        v = _tile(V, b * svb + h * svh, svn, offs_n, offs_d, n_ctx)
         ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k)
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
