@@ -3,8 +3,10 @@
 softmax(q k^T * scale + bias) v for q, k, v of shape (B, H, N, D) and a bias of shape (H, N, N) shared by the batch
 (the FD student's shared relative position bias, BEiT's per-block bias). PyTorch's SDPA has no fast kernel for a bias
 that needs a gradient: it falls back to the memory-efficient kernel, whose backward dominates the FD student's
-attention (fdlight's README, Benchmarks). These kernels are flash-attention style (online softmax, nothing of size
-N x N stored), and the backward adds each sample's dS tile into one fp32 bias gradient.
+attention (fdlight's README, Benchmarks). These kernels are flash-attention style (online softmax; the forward stores
+nothing of size N x N). The backward writes each sample's dS (the bias gradient of that sample, in the input dtype)
+and sums them over the batch: one memory-bound, deterministic pass instead of atomics that every sample of the batch
+would contend for.
 
 The kernels are registered as `torch.library.custom_op`s with fake implementations and an autograd formula, so
 torch.compile treats the forward and the backward as opaque ops.
@@ -73,10 +75,10 @@ def _fwd_kernel(Q, K, V, BIAS, O, LSE, n_ctx, n_heads, qk_scale,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DBIAS, n_ctx, n_heads, qk_scale, sm_scale,
+def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DS, n_ctx, n_heads, qk_scale, sm_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sdb, sdh, sdn, sgb, sgh, sgn,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One key block of one (b, h): dK, dV over every query block, and this sample's share of dBias."""
+    """One key block of one (b, h): dK, dV over every query block, and this sample's dS (its share of dBias)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // n_heads, pid_bh % n_heads
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -96,8 +98,8 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DBIAS, n_ctx, n_head
         dv += tl.dot(tl.trans(p.to(do.dtype)), do)
         ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - _stats(DELTA, pid_bh, offs_m, n_ctx)[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        tl.atomic_add(DBIAS + h * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :], ds,
-                      mask=rows[:, None] & cols[None, :])
+        tl.store(DS + pid_bh * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :], ds.to(DS.dtype.element_ty),
+                 mask=rows[:, None] & cols[None, :])
     out = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :]  # dK, dV share dQ's layout
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cols[:, None])
@@ -144,10 +146,9 @@ def _forward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return out, torch.empty((b * h, n), device=q.device, dtype=torch.float32)
 
 
-def _backward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _input_grads(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
     b, h, n, d = q.shape
-    dq, dk, dv = (torch.empty((b, n, h, d), device=q.device, dtype=q.dtype).transpose(1, 2) for _ in range(3))
-    return dq, dk, dv, torch.zeros((h, n, n), device=q.device, dtype=torch.float32)
+    return tuple(torch.empty((b, n, h, d), device=q.device, dtype=q.dtype).transpose(1, 2) for _ in range(3))
 
 
 @torch.library.custom_op("fdlight::biased_attention_fwd", mutates_args=())
@@ -156,9 +157,8 @@ def biased_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     b, h, n, d = q.shape
     out, lse = _forward_outputs(q)
     grid = (triton.cdiv(n, 64), b * h)
-    _fwd_kernel[grid](q, k, v, bias, out, lse, n, h, scale * LOG2E,
-                                   *_strides(q, k, v), bias.stride(0), bias.stride(1), *_strides(out),
-                                   **_blocks(d))
+    _fwd_kernel[grid](q, k, v, bias, out, lse, n, h, scale * LOG2E, *_strides(q, k, v), bias.stride(0),
+                      bias.stride(1), *_strides(out), **_blocks(d))
     return out, lse
 
 
@@ -175,18 +175,20 @@ def biased_attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
     delta = (grad.float() * out.float()).sum(-1).reshape(b * h, n)
-    dq, dk, dv, dbias = _backward_outputs(q)
+    dq, dk, dv = _input_grads(q)
+    ds = torch.empty((b * h, n, n), device=q.device, dtype=q.dtype)  # every sample's dS, summed below
     common = [*_strides(q, k, v), bias.stride(0), bias.stride(1), *_strides(grad, dq)]
     _bwd_dkdv_kernel[(triton.cdiv(n, 64), b * h)](
-        q, k, v, bias, grad, lse, delta, dk, dv, dbias, n, h, scale * LOG2E, scale, *common, **_blocks(d))
+        q, k, v, bias, grad, lse, delta, dk, dv, ds, n, h, scale * LOG2E, scale, *common, **_blocks(d))
     _bwd_dq_kernel[(triton.cdiv(n, 64), b * h)](
         q, k, v, bias, grad, lse, delta, dq, n, h, scale * LOG2E, scale, *common, **_blocks(d))
-    return dq, dk, dv, dbias
+    return dq, dk, dv, ds.view(b, h, n, n).sum(0, dtype=torch.float32)
 
 
 @biased_attention_bwd.register_fake
 def _(grad, q, k, v, bias, out, lse, scale):
-    return _backward_outputs(q)
+    h, n = q.shape[1], q.shape[2]
+    return (*_input_grads(q), q.new_empty((h, n, n), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
