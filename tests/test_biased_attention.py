@@ -80,7 +80,8 @@ def test_a_student_with_triton_attention_computes_what_sdpa_computes():
 
 
 def test_a_distill_run_with_triton_attention_trains(tmp_path, one_thread):
-    m = run_stage(["trainer.attention=triton", "distill.max_steps=4", "data.num_train=32"], tmp_path / "run")
+    trainer = "trainer=gpu" if DEVICE == "cuda" else "trainer=cpu"
+    m = run_stage([trainer, "trainer.attention=triton", "distill.max_steps=4", "data.num_train=32"], tmp_path / "run")
     assert m["steps"] == 4 and m["last_loss"] < m["first_loss"]
 
 

@@ -36,8 +36,15 @@ class TritonBiasAttention(BeitAttention):
         if bias is None:
             out = nn.functional.scaled_dot_product_attention(q, k, v)
         else:
+            check(q.is_cuda or interpreted(), f"trainer.attention=triton runs on CUDA tensors, not {q.device}; "
+                                              f"use trainer.attention=sdpa there")
             out = biased_attention(q, k, v, bias, self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, -1)))
+
+
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def set_attention(model: nn.Module, mode: str) -> int:
@@ -50,7 +57,7 @@ def set_attention(model: nn.Module, mode: str) -> int:
         return len(targets)
     check(importlib.util.find_spec("triton") is not None,
           "trainer.attention=triton needs the triton package: pip install triton (or use trainer.attention=sdpa)")
-    check(torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+    check(torch.cuda.is_available() or interpreted(),
           "trainer.attention=triton needs a CUDA GPU (TRITON_INTERPRET=1 runs it slowly on a CPU); "
           "use trainer.attention=sdpa")
     check(targets, f"trainer.attention=triton applies to timm Beit models (the FD ViT students); "
