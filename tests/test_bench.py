@@ -5,7 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import compose
-from fdlight.bench import main
+from fdlight.bench import kernel_kind, main
 from fdlight.models.students import build_student
 
 
@@ -22,3 +22,17 @@ def test_bench_counts_teacher_forward_and_student_forward_and_backward():
 def test_finetune_bench_runs_the_classification_step():
     result = main(["--device", "cpu", "--batch", "4", "--steps", "1", "--warmup", "0", "--finetune"])
     assert result["stage"] == "finetune" and result["img_per_s"] > 0
+
+
+def test_profile_names_where_the_step_time_goes(capsys):
+    result = main(["--device", "cpu", "--batch", "4", "--steps", "1", "--warmup", "0", "--profile", "5"])
+    rows = result["profile"]
+    assert rows and all(ms >= 0 and calls >= 1 for _, ms, calls in rows)
+    assert [ms for _, ms, _ in rows] == sorted((ms for _, ms, _ in rows), reverse=True)
+    names = {name for name, _, _ in rows}
+    assert {"aten::mm", "aten::addmm"} & names  # the student's and teacher's linear layers are in it
+    out = capsys.readouterr().out
+    assert "fdlight.bench profile:" in out and "matmul" in out
+    assert kernel_kind("fmha_cutlassB_bf16_aligned_64x64") == "attention"
+    assert kernel_kind("nvjet_sm90_tst_192x192_64x4") == "matmul"
+    assert kernel_kind("triton_poi_fused_gelu_7") == "fused (compiled)"

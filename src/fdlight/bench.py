@@ -45,6 +45,42 @@ def timed(fn, steps: int, device: str) -> float:
     return (time.perf_counter() - start) / steps
 
 
+KINDS = (("attention", ("fmha", "flash", "attention", "sdpa", "attn")),
+         ("matmul", ("gemm", "nvjet", "cublas", "matmul", "mm", "linear", "addmm")),
+         ("convolution", ("conv", "implicit")),
+         ("fused (compiled)", ("triton", "cpp_fused")))
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, keys in KINDS if any(k in low for k in keys)), "other")
+
+
+def profile_step(step, device: str, top: int, steps: int = 3) -> list[tuple[str, float, int]]:
+    """Print where one step's time goes: per-kind totals and the `top` kernels (GPU) or ops (CPU), in ms per step.
+    Returns the (name, ms per step, calls per step) rows, longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda]
+    rows = sorted(((e.key, (e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / steps,
+                    e.count // steps) for e in events), key=lambda r: -r[1])
+    kinds: dict[str, float] = {}
+    for name, ms, _ in rows:
+        kind = kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    print(f"fdlight.bench profile: {sum(kinds.values()):.1f} ms per step on {'GPU kernels' if cuda else 'CPU ops'}: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    for name, ms, calls in rows[:top]:
+        print(f"{ms:9.2f} ms  x{calls:<4d} {name[:110]}")
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=None, help="default: 128 on GPU, 8 on CPU")
@@ -55,6 +91,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--finetune", action="store_true",
                     help="time the fine-tuning step of the student instead (Mixup/CutMix, soft-target CE, AdamW)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, print where the step's time goes: totals per kind and the N longest kernels")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. teacher=clip_vitb student=vit_b16")
     args = ap.parse_args(argv)
     from fdlight.stages.distill import build_distillation
@@ -119,6 +157,8 @@ def main(argv=None) -> dict:
                   gflop_per_img=round(flops_per_img / 1e9, 2), tflops=round(achieved, 1),
                   mfu=round(achieved / peak, 3) if peak else None)
     print("fdlight.bench " + " ".join(f"{k}={v}" for k, v in result.items()))
+    if args.profile:
+        result["profile"] = profile_step(step, dev, args.profile)
     return result
 
 
@@ -163,6 +203,8 @@ def finetune_bench(cfg, batch: int, args, dev: str) -> dict:
                   step_ms=round(step_s * 1e3, 2),
                   peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None)
     print("fdlight.bench " + " ".join(f"{k}={v}" for k, v in result.items()))
+    if args.profile:
+        result["profile"] = profile_step(step, dev, args.profile)
     return result
 
 

@@ -16,7 +16,8 @@ from fdlight.models.upernet import IGNORE, UPerNet, segmentation_loss
 
 
 def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768, warmup: int = 5,
-          compile_model: bool = False, device: str | None = None, attention: str = "sdpa") -> float | None:
+          compile_model: bool = False, device: str | None = None, attention: str = "sdpa",
+          profile: int = 0) -> float | None:
     """Training images/s of ViT-B/16 (FD student shape, per-block bias, random weights) + UPerNet at `size`, bf16
     autocast, AdamW, on random tensors. Returns None (with a message) when there is no GPU."""
     if device is None and not torch.cuda.is_available():
@@ -42,15 +43,20 @@ def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768
     y = torch.randint(0, 150, (batch, size, size), device=device)
     y[:, :8] = IGNORE
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    timings = []
-    for i in range(warmup + steps):
-        sync()
-        t = time.perf_counter()
+
+    def step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = segmentation_loss(step_fn(x), y, 0.4)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    timings = []
+    for i in range(warmup + steps):
+        sync()
+        t = time.perf_counter()
+        loss = step()
         sync()
         if i >= warmup:
             timings.append(time.perf_counter() - t)
@@ -61,6 +67,10 @@ def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768
           f"{ips:.1f} img/s ({1000 * sum(timings) / len(timings):.0f} ms/step{mem}, loss {float(loss.detach()):.3f}, "
           f"compile={compile_model}, attention={attention})")
     check(math.isfinite(float(loss.detach())), "the benchmark loss is not finite")
+    if profile:
+        from fdlight.bench import profile_step
+
+        profile_step(step, device.type, profile)
     return ips
 
 
@@ -75,8 +85,10 @@ def main(argv=None) -> None:
     p.add_argument("--channels", type=int, default=768)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--attention", choices=["sdpa", "triton"], default="sdpa")
+    p.add_argument("--profile", type=int, default=0, metavar="N", help="then print the N longest kernels")
     args = p.parse_args(argv)
-    bench(args.steps, args.batch, args.size, args.channels, compile_model=args.compile, attention=args.attention)
+    bench(args.steps, args.batch, args.size, args.channels, compile_model=args.compile, attention=args.attention,
+          profile=args.profile)
 
 
 if __name__ == "__main__":
