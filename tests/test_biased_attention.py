@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytest.importorskip("triton")  # a test dependency on Linux (pyproject's test extra)
+
 from conftest import compose, run_stage
 from fdlight.errors import FDLightError
 from fdlight.models.attention import TritonBiasAttention, set_attention
@@ -15,13 +17,13 @@ from fdlight.stages.distill import build_distillation
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _inputs(batch=2, heads=3, tokens=70, dim=16, bias_dims=4):
+def _inputs(batch=2, heads=3, tokens=70, dim=16, bias_dims=4, dtype=torch.float32):
     """q, k, v as the non-contiguous views timm's Beit makes from one qkv tensor; a bias shared by the batch."""
     torch.manual_seed(0)
-    qkv = torch.randn(batch, tokens, 3, heads, dim, device=DEVICE).permute(2, 0, 3, 1, 4).requires_grad_()
+    qkv = torch.randn(batch, tokens, 3, heads, dim, device=DEVICE, dtype=dtype).permute(2, 0, 3, 1, 4)
     shape = (1, heads, tokens, tokens) if bias_dims == 4 else (heads, tokens, tokens)
     bias = torch.randn(shape, device=DEVICE, requires_grad=True)
-    return qkv, bias
+    return qkv.requires_grad_(), bias
 
 
 def _grads(attention, qkv, bias, grad):
@@ -44,6 +46,43 @@ def test_kernel_matches_sdpa_forward_and_every_gradient(tokens, bias_dims):
         assert g.shape == r.shape
         assert torch.allclose(g, r, atol=1e-4, rtol=1e-4), f"{name}: max diff {(g - r).abs().max():.2e}"
     assert got[2].abs().max() > 0.1  # the bias gradient is really there
+
+
+def test_kernel_in_half_precision_stays_within_half_precision_error():
+    """fp16 here (Triton's interpreter has no bf16 matrix product); the bf16 case runs on a GPU, below."""
+    from fdlight.models.biased_attention import biased_attention
+
+    qkv, bias = _inputs(tokens=65, dtype=torch.float16)
+    grad = torch.randn(2, 3, 65, 16, device=DEVICE, dtype=torch.float16)
+    ref = _grads(lambda q, k, v, b: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=b),
+                 qkv, bias, grad.float())
+    got = _grads(biased_attention, qkv, bias, grad)
+    for name, r, g in zip(("output", "d(q,k,v)", "d(bias)"), ref, got):
+        assert torch.allclose(g.float(), r.float(), atol=2e-2, rtol=2e-2), f"{name}: {(g.float() - r).abs().max()}"
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 matrix products need a GPU (Triton's interpreter has none)")
+def test_kernel_in_bf16_on_a_gpu_matches_fp32_sdpa():
+    from fdlight.models.biased_attention import biased_attention
+
+    qkv, bias = _inputs(batch=8, heads=12, tokens=197, dim=64, dtype=torch.bfloat16)
+    grad = torch.randn(8, 12, 197, 64, device=DEVICE, dtype=torch.bfloat16)
+    ref = _grads(lambda q, k, v, b: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=b),
+                 qkv, bias, grad.float())
+    got = _grads(biased_attention, qkv, bias, grad)
+    for name, r, g in zip(("output", "d(q,k,v)", "d(bias)"), ref, got):
+        assert torch.allclose(g.float(), r.float(), atol=5e-2, rtol=5e-2), f"{name}: {(g.float() - r).abs().max()}"
+
+
+def test_shapes_the_kernels_do_not_take_are_refused_in_one_line():
+    from fdlight.models.biased_attention import biased_attention
+
+    qkv, bias = _inputs(tokens=20)
+    q, k, v = qkv.detach().unbind(0)
+    with pytest.raises(FDLightError, match="bias must be .* got \\(2, 3, 20, 20\\)"):
+        biased_attention(q, k, v, bias.detach().expand(2, -1, -1, -1))
+    with pytest.raises(FDLightError, match="power of two in \\[16, 256\\], not 24"):
+        biased_attention(*(torch.zeros(1, 3, 20, 24),) * 3, bias.detach())
 
 
 def test_kernel_under_torch_compile_gives_the_eager_gradients():

@@ -97,7 +97,9 @@ def test_drop_path_mode_switches_the_student_blocks_and_rejects_bad_input():
     cfg = compose(["drop_path.mode=subset"])
     module = build_distillation(cfg)
     assert all(type(b) is SubsetDropPathBeitBlock for b in module.student.blocks)
-    assert set_drop_path_mode(build_student(compose([]).student), "bernoulli") == 0
+    assert set_drop_path_mode(module.student, "subset") == 2  # idempotent
+    assert set_drop_path_mode(module.student, "bernoulli") == 2
+    assert all(type(b) is BeitBlock for b in module.student.blocks)
     with pytest.raises(FDLightError, match="drop_path.mode='sometimes'"):
         set_drop_path_mode(module.student, "sometimes")
     with pytest.raises(FDLightError, match="needs a timm Beit student"):

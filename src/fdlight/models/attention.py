@@ -63,6 +63,10 @@ def set_attention(model: nn.Module, mode: str) -> int:
     check(targets, f"trainer.attention=triton applies to timm Beit models (the FD ViT students); "
                    f"{type(model).__name__} has none; use trainer.attention=sdpa")
     check(all(m.attn_drop.p == 0 for m in targets), "trainer.attention=triton has no attention dropout; set it to 0")
+    from fdlight.models.biased_attention import check_head_dim
+
+    for m in targets:
+        check_head_dim(m.qkv.out_features // 3 // m.num_heads)
     for m in targets:
         m.__class__ = TritonBiasAttention
     return len(targets)

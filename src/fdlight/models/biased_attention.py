@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fdlight.errors import check
+
 LOG2E = 1.4426950408889634
 
 
@@ -36,21 +38,30 @@ def _stats(ptr, pid_bh, offs, n_ctx):
 
 
 @triton.jit
-def _scores(q, k, BIAS, bias_base, sbm, offs_m, offs_n, n_ctx, qk_scale):
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b accumulated in fp32; fp32 inputs in full fp32 (as SDPA does), not TF32."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _scores(q, k, BIAS, bias_base, sbm, offs_m, offs_n, n_ctx, qk_scale, IEEE: tl.constexpr):
     """Log2-domain scores of one (BLOCK_M, BLOCK_N) tile: (q k^T * scale + bias) * log2(e), -inf outside."""
     valid = (offs_m[:, None] < n_ctx) & (offs_n[None, :] < n_ctx)
     bias = tl.load(BIAS + bias_base + offs_m[:, None] * sbm + offs_n[None, :], mask=valid, other=0.0)
-    s = tl.dot(q, tl.trans(k)) * qk_scale + bias.to(tl.float32) * 1.4426950408889634
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale + bias.to(tl.float32) * 1.4426950408889634
     return tl.where(offs_n[None, :] < n_ctx, s, float("-inf"))
 
 
 @triton.jit
 def _fwd_kernel(Q, K, V, BIAS, O, LSE, n_ctx, n_heads, qk_scale,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sob, soh, son,
-                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """One query block of one (b, h): the output rows and their log-sum-exp, keys streamed with an online softmax."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
+    b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)  # 64-bit offsets
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _tile(Q, b * sqb + h * sqh, sqn, offs_m, offs_d, n_ctx)
@@ -60,13 +71,13 @@ def _fwd_kernel(Q, K, V, BIAS, O, LSE, n_ctx, n_heads, qk_scale,
     for start_n in range(0, n_ctx, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _tile(K, b * skb + h * skh, skn, offs_n, offs_d, n_ctx)
-        s = _scores(q, k, BIAS, h * sbh, sbm, offs_m, offs_n, n_ctx, qk_scale)
+        s = _scores(q, k, BIAS, h * sbh, sbm, offs_m, offs_n, n_ctx, qk_scale, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _tile(V, b * svb + h * svh, svn, offs_n, offs_d, n_ctx)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
     rows = offs_m < n_ctx
     out = (acc / l_i[:, None]).to(O.dtype.element_ty)
@@ -77,10 +88,10 @@ def _fwd_kernel(Q, K, V, BIAS, O, LSE, n_ctx, n_heads, qk_scale,
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DS, n_ctx, n_heads, qk_scale, sm_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sdb, sdh, sdn, sgb, sgh, sgn,
-                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """One key block of one (b, h): dK, dV over every query block, and this sample's dS (its share of dBias)."""
     pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
+    b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)  # 64-bit offsets
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = offs_n < n_ctx
@@ -92,14 +103,14 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DS, n_ctx, n_heads, 
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows = offs_m < n_ctx
         q = _tile(Q, b * sqb + h * sqh, sqn, offs_m, offs_d, n_ctx)
-        s = _scores(q, k, BIAS, h * sbh, sbm, offs_m, offs_n, n_ctx, qk_scale)
+        s = _scores(q, k, BIAS, h * sbh, sbm, offs_m, offs_n, n_ctx, qk_scale, IEEE)
         p = tl.where(rows[:, None], tl.math.exp2(s - _stats(LSE, pid_bh, offs_m, n_ctx)[:, None]), 0.0)
         do = _tile(DO, b * sdb + h * sdh, sdn, offs_m, offs_d, n_ctx)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - _stats(DELTA, pid_bh, offs_m, n_ctx)[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
-        tl.store(DS + pid_bh * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :], ds.to(DS.dtype.element_ty),
-                 mask=rows[:, None] & cols[None, :])
+        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        ds = p * (_dot(do, tl.trans(v), IEEE) - _stats(DELTA, pid_bh, offs_m, n_ctx)[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+        ds_ptrs = DS + pid_bh.to(tl.int64) * n_ctx * n_ctx + offs_m[:, None] * n_ctx + offs_n[None, :]
+        tl.store(ds_ptrs, ds.to(DS.dtype.element_ty), mask=rows[:, None] & cols[None, :])
     out = b * sgb + h * sgh + offs_n[:, None] * sgn + offs_d[None, :]  # dK, dV share dQ's layout
     tl.store(DK + out, (dk * sm_scale).to(DK.dtype.element_ty), mask=cols[:, None])
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cols[:, None])
@@ -108,10 +119,10 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DS, n_ctx, n_heads, 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ, n_ctx, n_heads, qk_scale, sm_scale,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sdb, sdh, sdn, sgb, sgh, sgn,
-                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """One query block of one (b, h): dQ over every key block."""
     pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = pid_bh // n_heads, pid_bh % n_heads
+    b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)  # 64-bit offsets
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < n_ctx
@@ -123,17 +134,17 @@ def _bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ, n_ctx, n_heads, qk_scale, 
     for start_n in range(0, n_ctx, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _tile(K, b * skb + h * skh, skn, offs_n, offs_d, n_ctx)
-        s = _scores(q, k, BIAS, h * sbh, sbm, offs_m, offs_n, n_ctx, qk_scale)
+        s = _scores(q, k, BIAS, h * sbh, sbm, offs_m, offs_n, n_ctx, qk_scale, IEEE)
         p = tl.where(rows[:, None], tl.math.exp2(s - lse[:, None]), 0.0)
         v = _tile(V, b * svb + h * svh, svn, offs_n, offs_d, n_ctx)
-        ds = p * (tl.dot(do, tl.trans(v)).to(tl.float32) - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(DQ + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
              mask=rows[:, None])
 
 
-def _blocks(head_dim: int) -> dict:
-    return dict(HEAD_DIM=head_dim, BLOCK_M=64, BLOCK_N=64)
+def _blocks(q: torch.Tensor) -> dict:
+    return dict(HEAD_DIM=q.shape[-1], BLOCK_M=64, BLOCK_N=64, IEEE=q.dtype == torch.float32)
 
 
 def _strides(*tensors):
@@ -158,7 +169,7 @@ def biased_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     out, lse = _forward_outputs(q)
     grid = (triton.cdiv(n, 64), b * h)
     _fwd_kernel[grid](q, k, v, bias, out, lse, n, h, scale * LOG2E, *_strides(q, k, v), bias.stride(0),
-                      bias.stride(1), *_strides(out), **_blocks(d))
+                      bias.stride(1), *_strides(out), **_blocks(q))
     return out, lse
 
 
@@ -179,9 +190,9 @@ def biased_attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     ds = torch.empty((b * h, n, n), device=q.device, dtype=q.dtype)  # every sample's dS, summed below
     common = [*_strides(q, k, v), bias.stride(0), bias.stride(1), *_strides(grad, dq)]
     _bwd_dkdv_kernel[(triton.cdiv(n, 64), b * h)](
-        q, k, v, bias, grad, lse, delta, dk, dv, ds, n, h, scale * LOG2E, scale, *common, **_blocks(d))
+        q, k, v, bias, grad, lse, delta, dk, dv, ds, n, h, scale * LOG2E, scale, *common, **_blocks(q))
     _bwd_dq_kernel[(triton.cdiv(n, 64), b * h)](
-        q, k, v, bias, grad, lse, delta, dq, n, h, scale * LOG2E, scale, *common, **_blocks(d))
+        q, k, v, bias, grad, lse, delta, dq, n, h, scale * LOG2E, scale, *common, **_blocks(q))
     return dq, dk, dv, ds.view(b, h, n, n).sum(0, dtype=torch.float32)
 
 
@@ -208,14 +219,32 @@ def _backward(ctx, grad_out, grad_lse):
 biased_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def check_head_dim(head_dim: int) -> None:
+    check(16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0,
+          f"trainer.attention=triton needs a head dim that is a power of two in [16, 256], not {head_dim}; "
+          f"use trainer.attention=sdpa")
+
+
+def check_shapes(batch: int, heads: int, tokens: int, head_dim: int, bias_shape: tuple) -> None:
+    """What the kernels take: a power-of-two head dim in [16, 256], batch x heads within CUDA's grid (65,535) and a
+    bias shared by the batch."""
+    check_head_dim(head_dim)
+    check(batch * heads <= 65535, f"trainer.attention=triton takes at most 65,535 batch x heads per call, got "
+                                  f"{batch} x {heads}; use a smaller batch per device or trainer.attention=sdpa")
+    check(tuple(bias_shape[-3:]) == (heads, tokens, tokens) and (len(bias_shape) == 3 or bias_shape[0] == 1),
+          f"the attention bias must be (heads, N, N) or (1, heads, N, N) = ({heads}, {tokens}, {tokens}), "
+          f"got {tuple(bias_shape)}")
+
+
 def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                      scale: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v; q, k, v (B, H, N, D) with the same strides, bias (H, N, N) or (1, H, N, N)."""
+    b, h, n, d = q.shape
+    check_shapes(b, h, n, d, tuple(bias.shape))
     if bias.dim() == 4:
         bias = bias[0]
     if bias.stride(-1) != 1:
         bias = bias.contiguous()
-    d = q.shape[-1]
     if q.stride() != k.stride() or q.stride() != v.stride() or q.stride(-1) != 1:
         q, k, v = (t.contiguous() for t in (q, k, v))
     return biased_attention_fwd(q, k, v, bias, scale if scale is not None else 1.0 / math.sqrt(d))[0]

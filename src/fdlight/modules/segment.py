@@ -111,8 +111,10 @@ class SemanticSegmentation(DenseTask):
             object.__setattr__(self, "_compiled", torch.compile(self.model))
         return self._compiled(x)
 
-    def on_fit_start(self) -> None:
-        if self.device.type == "cuda":  # cuDNN's convolutions of the head run in NHWC
+    def setup(self, stage: str) -> None:
+        # cuDNN's convolutions of the head run in NHWC. Converted here, before the strategy wraps the model (DDP's
+        # gradient buckets take the parameters' strides when they are built).
+        if self.trainer.strategy.root_device.type == "cuda":
             self.model.to(memory_format=torch.channels_last)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
