@@ -3,7 +3,7 @@ PYTHON ?= python
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench gpu-bench clean
 
 install:
 	$(PYTHON) -m pip install -q -e ".[test]"
@@ -16,6 +16,15 @@ test: install
 
 bench: install
 	$(PYTHON) -m fdlight.bench
+
+# On a GPU machine with fdlight installed: both training steps, compiled, with each kernel choice (a failing variant
+# does not stop the others).
+gpu-bench:
+	-$(PYTHON) -m fdlight.bench --compile
+	-$(PYTHON) -m fdlight.bench --compile trainer.attention=triton
+	-$(PYTHON) -m fdlight.bench --compile trainer.attention=triton drop_path.mode=subset
+	-$(PYTHON) -m fdlight.models.upernet_gpu_check --compile
+	-$(PYTHON) -m fdlight.models.upernet_gpu_check --compile --attention triton
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache
