@@ -48,30 +48,26 @@ def test_kernel_matches_sdpa_forward_and_every_gradient(tokens, bias_dims):
     assert got[2].abs().max() > 0.1  # the bias gradient is really there
 
 
-def test_kernel_in_half_precision_stays_within_half_precision_error():
-    """fp16 here (Triton's interpreter has no bf16 matrix product); the bf16 case runs on a GPU, below."""
+def _low_precision_matches_fp32_sdpa(dtype, tol, batch=2, heads=3, tokens=65, dim=16):
     from fdlight.models.biased_attention import biased_attention
 
-    qkv, bias = _inputs(tokens=65, dtype=torch.float16)
-    grad = torch.randn(2, 3, 65, 16, device=DEVICE, dtype=torch.float16)
+    qkv, bias = _inputs(batch, heads, tokens, dim, dtype=dtype)
+    grad = torch.randn(batch, heads, tokens, dim, device=DEVICE, dtype=dtype)
     ref = _grads(lambda q, k, v, b: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=b),
                  qkv, bias, grad.float())
     got = _grads(biased_attention, qkv, bias, grad)
     for name, r, g in zip(("output", "d(q,k,v)", "d(bias)"), ref, got):
-        assert torch.allclose(g.float(), r.float(), atol=2e-2, rtol=2e-2), f"{name}: {(g.float() - r).abs().max()}"
+        assert torch.allclose(g.float(), r.float(), atol=tol, rtol=tol), f"{name}: {(g.float() - r).abs().max()}"
+
+
+def test_kernel_in_half_precision_stays_within_half_precision_error():
+    """fp16 here (Triton's interpreter has no bf16 matrix product); the bf16 case runs on a GPU, below."""
+    _low_precision_matches_fp32_sdpa(torch.float16, 2e-2)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="bf16 matrix products need a GPU (Triton's interpreter has none)")
 def test_kernel_in_bf16_on_a_gpu_matches_fp32_sdpa():
-    from fdlight.models.biased_attention import biased_attention
-
-    qkv, bias = _inputs(batch=8, heads=12, tokens=197, dim=64, dtype=torch.bfloat16)
-    grad = torch.randn(8, 12, 197, 64, device=DEVICE, dtype=torch.bfloat16)
-    ref = _grads(lambda q, k, v, b: F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=b),
-                 qkv, bias, grad.float())
-    got = _grads(biased_attention, qkv, bias, grad)
-    for name, r, g in zip(("output", "d(q,k,v)", "d(bias)"), ref, got):
-        assert torch.allclose(g.float(), r.float(), atol=5e-2, rtol=5e-2), f"{name}: {(g.float() - r).abs().max()}"
+    _low_precision_matches_fp32_sdpa(torch.bfloat16, 5e-2, batch=8, heads=12, tokens=197, dim=64)
 
 
 def test_shapes_the_kernels_do_not_take_are_refused_in_one_line():
