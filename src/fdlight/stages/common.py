@@ -140,6 +140,20 @@ class Throughput(Callback):
         return self.images / self.seconds if self.seconds else float("nan")
 
 
+def timed_fit(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, module: L.LightningModule, data, fit,
+              callbacks=(), **trainer_kwargs):
+    """What the validated training stages share: claim the run directory (call it after every input check, so bad
+    input leaves no run behind), build the trainer with a throughput meter, and time `fit(trainer, module, data,
+    resume)`. Returns the trainer, the meter, fit's result and the wall seconds."""
+    resume = prepare_run_dir(cfg, run_dir)
+    meter = Throughput()
+    trainer = build_trainer(cfg, stage_cfg, run_dir, callbacks=[meter, *callbacks], validate=True,
+                            checkpoint_every=stage_cfg.checkpoint_every_n_steps, **trainer_kwargs)
+    start = time.perf_counter()
+    result = fit(trainer, module, data, resume)
+    return trainer, meter, result, time.perf_counter() - start
+
+
 def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbacks=(), wrap_classes=None,
                   checkpoint_every: int | None = None, validate: bool = False) -> L.Trainer:
     """The stage's Lightning Trainer. With `validate`, `<stage>.val_every_n_epochs` sets how often (0: only after

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
@@ -20,8 +19,7 @@ from fdlight.models.attention import set_attention
 from fdlight.models.pyramid import Backbone, DetectionBackbone
 from fdlight.models.weights import read_export_metadata, read_state_dict
 from fdlight.modules.detect import InstanceSegmentation, build_mask_rcnn
-from fdlight.stages.common import (Throughput, build_trainer, cpu_threads, prepare_run_dir, trained_state_dict,
-                                   write_metrics)
+from fdlight.stages.common import cpu_threads, timed_fit, trained_state_dict, write_metrics
 from fdlight.stages.segment import (backbone_model, fit_and_validate, optim_config, palette,
                                     rebuild_backbone, save_model)
 
@@ -124,13 +122,7 @@ def train_detection(cfg: DictConfig, run_dir: Path) -> dict:
     data = DetectionData(cfg.data, s.batch_size, s.img_size, s.scale_range, s.eval_batch_size)
     data.setup()
     module, arch, kwargs, head = build_detection(cfg, s, data.num_classes)
-    resume = prepare_run_dir(cfg, run_dir)  # after the checks above: bad input leaves no run behind
-    meter = Throughput()
-    trainer = build_trainer(cfg, s, run_dir, callbacks=[meter], checkpoint_every=s.checkpoint_every_n_steps,
-                            validate=True)
-    start = time.perf_counter()
-    fit_and_validate(trainer, module, data, resume)
-    wall = time.perf_counter() - start
+    trainer, meter, _, wall = timed_fit(cfg, s, run_dir, module, data, fit_and_validate)  # after the checks above
     metrics = {"stage": "detect", "backbone": arch.timm_model, "pretrained": str(s.pretrained or "") or None,
                "data": cfg.data.name, "num_classes": data.num_classes, "img_size": int(s.img_size),
                **module.val_results, **data.image_counts, "first_loss": module.first_loss,

@@ -4,7 +4,6 @@ timm), `metrics.json` (val/top1, val/top5, img_per_s) and `checkpoints/last.ckpt
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
@@ -21,8 +20,7 @@ from fdlight.models.pretrained import Architecture, build_from_pretrained, downs
 from fdlight.models.students import check_drop_path, student_kwargs
 from fdlight.models.weights import ADAPTERS, classifier_prefixes, export_timm, read_state_dict
 from fdlight.modules.classify import Classifier, FineTune
-from fdlight.stages.common import (Throughput, build_trainer, cpu_threads, prepare_run_dir, trained_state_dict,
-                                   write_metrics)
+from fdlight.stages.common import cpu_threads, timed_fit, trained_state_dict, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -136,13 +134,8 @@ def finetune(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     mixup = dict(mixup=f.mixup, cutmix=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
                  label_smoothing=f.label_smoothing)
     module = FineTune(model, num_classes, optim_dict(f), mixup, ema_decay=f.get("ema"))
-    resume = prepare_run_dir(cfg, run_dir)
-    meter = Throughput()
-    trainer = build_trainer(cfg, f, run_dir, callbacks=[meter, *callbacks], wrap_classes=block_types(model),
-                            checkpoint_every=f.checkpoint_every_n_steps, validate=True)
-    start = time.perf_counter()
-    val = fit_and_validate(trainer, module, data, resume)
-    wall = time.perf_counter() - start
+    trainer, meter, val, wall = timed_fit(cfg, f, run_dir, module, data, fit_and_validate, callbacks,
+                                          wrap_classes=block_types(model))
     source = str(path) if path else f"scratch:{f.scratch}"
     metrics = {"stage": "finetune", "pretrained": source, "model": arch.timm_model, "num_classes": num_classes,
                "img_size": img_size, **val, "first_loss": module.first_loss, "last_loss": module.last_loss,

@@ -5,7 +5,6 @@ checkpoints."""
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 import lightning as L
@@ -18,7 +17,7 @@ from fdlight.models.layout import timm_layout
 from fdlight.models.pretrained import build_from_pretrained
 from fdlight.models.weights import atomic_save_safetensors
 from fdlight.modules.classify import LinearProbe
-from fdlight.stages.common import Throughput, build_trainer, cpu_threads, prepare_run_dir, write_metrics
+from fdlight.stages.common import cpu_threads, timed_fit, write_metrics
 from fdlight.stages.finetune import classification_data, fit_and_validate, optim_dict
 
 log = logging.getLogger(__name__)
@@ -43,13 +42,7 @@ def probe(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
     img_size = timm_layout(backbone).img_size
     data.set_transforms(linear_train_transform(img_size, c.min_scale), eval_transform(img_size, c.crop_pct))
     module = LinearProbe(backbone, num_classes, optim_dict(c))
-    resume = prepare_run_dir(cfg, run_dir)
-    meter = Throughput()
-    trainer = build_trainer(cfg, c, run_dir, callbacks=[meter, *callbacks], checkpoint_every=c.checkpoint_every_n_steps,
-                            validate=True)
-    start = time.perf_counter()
-    val = fit_and_validate(trainer, module, data, resume)
-    wall = time.perf_counter() - start
+    trainer, meter, val, wall = timed_fit(cfg, c, run_dir, module, data, fit_and_validate, callbacks)
     metrics = {"stage": "linear", "pretrained": str(path), "model": arch.timm_model, "num_classes": num_classes,
                "img_size": img_size, **val, "first_loss": module.first_loss, "last_loss": module.last_loss,
                "steps": trainer.global_step, "img_per_s": meter.img_per_s, "wall_s": wall,

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from importlib import resources
 from pathlib import Path
 
@@ -32,8 +31,7 @@ from fdlight.models.upernet import UPerNet
 from fdlight.models.upernet_gpu_check import bench, main as gpu_check_main  # noqa: F401 - bench re-exported
 from fdlight.models.weights import atomic_save_safetensors, read_export_metadata, read_state_dict
 from fdlight.modules.segment import SemanticSegmentation
-from fdlight.stages.common import (Throughput, build_trainer, cpu_threads, prepare_run_dir, trained_state_dict,
-                                   write_metrics)
+from fdlight.stages.common import cpu_threads, timed_fit, trained_state_dict, write_metrics
 
 log = logging.getLogger(__name__)
 OPTIM_KEYS = ("lr", "warmup_lr", "min_lr", "warmup_steps", "schedule", "power", "layer_decay", "weight_decay",
@@ -206,13 +204,7 @@ def train_segmentation(cfg: DictConfig, run_dir: Path) -> dict:
     module, arch, kwargs, head = build_segmentation(cfg, s, data.num_classes)
     if s.norm == "bn" and world > 1:  # the recipe's SyncBN: statistics over the whole batch
         module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model)
-    resume = prepare_run_dir(cfg, run_dir)  # after the checks above: bad input leaves no run behind
-    meter = Throughput()
-    trainer = build_trainer(cfg, s, run_dir, callbacks=[meter], checkpoint_every=s.checkpoint_every_n_steps,
-                            validate=True)
-    start = time.perf_counter()
-    fit_and_validate(trainer, module, data, resume)
-    wall = time.perf_counter() - start
+    trainer, meter, _, wall = timed_fit(cfg, s, run_dir, module, data, fit_and_validate)  # after the checks above
     metrics = {"stage": "segment", "backbone": arch.timm_model, "pretrained": str(s.pretrained or "") or None,
                "data": cfg.data.name, "num_classes": data.num_classes, "eval_mode": s.eval_mode,
                "crop_size": int(s.crop_size), **module.val_results, "first_loss": module.first_loss,
