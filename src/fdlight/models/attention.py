@@ -8,7 +8,6 @@ needs the `triton` package and a CUDA GPU (or TRITON_INTERPRET=1, which runs the
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Optional
 
 import torch
@@ -36,15 +35,8 @@ class TritonBiasAttention(BeitAttention):
         if bias is None:
             out = nn.functional.scaled_dot_product_attention(q, k, v)
         else:
-            check(q.is_cuda or interpreted(), f"trainer.attention=triton runs on CUDA tensors, not {q.device}; "
-                                              f"use trainer.attention=sdpa there")
             out = biased_attention(q, k, v, bias, self.scale)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, -1)))
-
-
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def set_attention(model: nn.Module, mode: str) -> int:
@@ -57,14 +49,14 @@ def set_attention(model: nn.Module, mode: str) -> int:
         return len(targets)
     check(importlib.util.find_spec("triton") is not None,
           "trainer.attention=triton needs the triton package: pip install triton (or use trainer.attention=sdpa)")
+    from fdlight.models.biased_attention import check_head_dim, interpreted
+
     check(torch.cuda.is_available() or interpreted(),
           "trainer.attention=triton needs a CUDA GPU (TRITON_INTERPRET=1 runs it slowly on a CPU); "
           "use trainer.attention=sdpa")
     check(targets, f"trainer.attention=triton applies to timm Beit models (the FD ViT students); "
                    f"{type(model).__name__} has none; use trainer.attention=sdpa")
     check(all(m.attn_drop.p == 0 for m in targets), "trainer.attention=triton has no attention dropout; set it to 0")
-    from fdlight.models.biased_attention import check_head_dim
-
     for m in targets:
         check_head_dim(m.qkv.out_features // 3 // m.num_heads)
     for m in targets:

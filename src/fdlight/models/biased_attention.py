@@ -15,6 +15,7 @@ On a CPU they run under Triton's interpreter (TRITON_INTERPRET=1), which is how 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -147,6 +148,11 @@ def _blocks(q: torch.Tensor) -> dict:
     return dict(HEAD_DIM=q.shape[-1], BLOCK_M=64, BLOCK_N=64, IEEE=q.dtype == torch.float32)
 
 
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _strides(*tensors):
     return [s for t in tensors for s in t.stride()[:3]]
 
@@ -165,6 +171,8 @@ def _input_grads(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
 @torch.library.custom_op("fdlight::biased_attention_fwd", mutates_args=())
 def biased_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    check(q.is_cuda or interpreted(), f"trainer.attention=triton runs on CUDA tensors, not {q.device}; "
+                                      f"use trainer.attention=sdpa there")
     b, h, n, d = q.shape
     out, lse = _forward_outputs(q)
     grid = (triton.cdiv(n, 64), b * h)
