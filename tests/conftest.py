@@ -40,6 +40,13 @@ def run_cli(args, cwd: Path, timeout: int = 600, env=None) -> subprocess.Complet
                           timeout=timeout, env=full_env)
 
 
+def dense_lrs(module, total_steps: int = 10) -> dict[str, float]:
+    """The initial lr of every parameter of a dense module's model, by name, from its real optimizer."""
+    opt = module.optimizer(total_steps=total_steps)["optimizer"]
+    by_param = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    return {name: by_param[id(p)] for name, p in module.model.named_parameters()}
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run much faster on one thread (and do not fight other tests for the cores)."""
