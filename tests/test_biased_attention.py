@@ -48,6 +48,25 @@ def test_kernel_matches_sdpa_forward_and_every_gradient(tokens, bias_dims):
     assert got[2].abs().max() > 0.1  # the bias gradient is really there
 
 
+@pytest.mark.parametrize("i", range(5))
+def test_every_tile_shape_the_gpu_autotuner_tries_computes_the_same_attention(monkeypatch, i):
+    """Each kernel is run with the i-th tile shape of its GPU list (the interpreter alone would only try 64 x 64)."""
+    import triton
+
+    from fdlight.models import biased_attention as ba
+
+    for kernel, tiles in ((ba._fwd_kernel, ba.FWD_TILES), (ba._bwd_dkdv_kernel, ba.DKDV_TILES),
+                          (ba._bwd_dq_kernel, ba.DQ_TILES)):
+        block_m, block_n = tiles[i % len(tiles)][:2]
+        monkeypatch.setattr(kernel, "configs", [triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n})])
+    qkv, bias = _inputs(tokens=70)
+    grad = torch.randn(2, 3, 70, 16, device=DEVICE)
+    ref = _grads(lambda q, k, v, b: F.scaled_dot_product_attention(q, k, v, attn_mask=b), qkv, bias, grad)
+    got = _grads(ba.biased_attention, qkv, bias, grad)
+    for name, r, g in zip(("output", "d(q,k,v)", "d(bias)"), ref, got):
+        assert torch.allclose(g, r, atol=1e-4, rtol=1e-4), f"{name}: max diff {(g - r).abs().max():.2e}"
+
+
 def _low_precision_matches_fp32_sdpa(dtype, tol, batch=2, heads=3, tokens=65, dim=16):
     from fdlight.models.biased_attention import biased_attention
 

@@ -26,6 +26,26 @@ from fdlight.errors import check
 LOG2E = 1.4426950408889634
 
 
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# What each kernel tries on a GPU the first time it sees a token count, head dim and dtype: (BLOCK_M query rows,
+# BLOCK_N key rows, warps, pipeline stages). Triton's autotuner times them and skips those that do not fit the card.
+FWD_TILES = ((64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 32, 4, 4))
+DKDV_TILES = ((64, 64, 4, 3), (32, 64, 4, 3), (32, 128, 4, 3), (64, 128, 8, 3), (16, 64, 4, 4))
+DQ_TILES = ((64, 64, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3), (64, 32, 4, 4), (64, 16, 4, 4))
+
+
+def _autotune(tiles: tuple[tuple[int, int, int, int], ...]):
+    """The interpreter gets one 64 x 64 tile: it has nothing to time."""
+    if interpreted():
+        tiles = ((64, 64, 4, 3),)
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
+    return triton.autotune(configs=configs, key=["n_ctx", "HEAD_DIM", "IEEE"])
+
+
 @triton.jit
 def _tile(ptr, base, stride_n, offs, offs_d, n_ctx):
     """Rows `offs` (zero past n_ctx) of one (b, h)'s (N, D) slice starting at ptr + base."""
@@ -56,6 +76,7 @@ def _scores(q, k, BIAS, bias_base, sbm, offs_m, offs_n, n_ctx, qk_scale, IEEE: t
     return tl.where(offs_n[None, :] < n_ctx, s, float("-inf"))
 
 
+@_autotune(FWD_TILES)
 @triton.jit
 def _fwd_kernel(Q, K, V, BIAS, O, LSE, n_ctx, n_heads, qk_scale,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sob, soh, son,
@@ -86,6 +107,7 @@ def _fwd_kernel(Q, K, V, BIAS, O, LSE, n_ctx, n_heads, qk_scale,
     tl.store(LSE + pid_bh * n_ctx + offs_m, m_i + tl.math.log2(l_i), mask=rows)  # log2 domain
 
 
+@_autotune(DKDV_TILES)
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DS, n_ctx, n_heads, qk_scale, sm_scale,
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sdb, sdh, sdn, sgb, sgh, sgn,
@@ -117,6 +139,7 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DS, n_ctx, n_heads, 
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=cols[:, None])
 
 
+@_autotune(DQ_TILES)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ, n_ctx, n_heads, qk_scale, sm_scale,
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sdb, sdh, sdn, sgb, sgh, sgn,
@@ -144,13 +167,13 @@ def _bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ, n_ctx, n_heads, qk_scale, 
              mask=rows[:, None])
 
 
-def _blocks(q: torch.Tensor) -> dict:
-    return dict(HEAD_DIM=q.shape[-1], BLOCK_M=64, BLOCK_N=64, IEEE=q.dtype == torch.float32)
+def _constants(q: torch.Tensor) -> dict:
+    return dict(HEAD_DIM=q.shape[-1], IEEE=q.dtype == torch.float32)
 
 
-def interpreted() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+def _grid(n: int, rows: int, block: str):
+    """One program per `block` of the n tokens, for each of the `rows` (batch x heads) slices."""
+    return lambda meta: (triton.cdiv(n, meta[block]), rows)
 
 
 def _strides(*tensors):
@@ -175,9 +198,8 @@ def biased_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
                                       f"use trainer.attention=sdpa there")
     b, h, n, d = q.shape
     out, lse = _forward_outputs(q)
-    grid = (triton.cdiv(n, 64), b * h)
-    _fwd_kernel[grid](q, k, v, bias, out, lse, n, h, scale * LOG2E, *_strides(q, k, v), bias.stride(0),
-                      bias.stride(1), *_strides(out), **_blocks(q))
+    _fwd_kernel[_grid(n, b * h, "BLOCK_M")](q, k, v, bias, out, lse, n, h, scale * LOG2E, *_strides(q, k, v),
+                                            bias.stride(0), bias.stride(1), *_strides(out), **_constants(q))
     return out, lse
 
 
@@ -197,10 +219,10 @@ def biased_attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     dq, dk, dv = _input_grads(q)
     ds = torch.empty((b * h, n, n), device=q.device, dtype=q.dtype)  # every sample's dS, summed below
     common = [*_strides(q, k, v), bias.stride(0), bias.stride(1), *_strides(grad, dq)]
-    _bwd_dkdv_kernel[(triton.cdiv(n, 64), b * h)](
-        q, k, v, bias, grad, lse, delta, dk, dv, ds, n, h, scale * LOG2E, scale, *common, **_blocks(q))
-    _bwd_dq_kernel[(triton.cdiv(n, 64), b * h)](
-        q, k, v, bias, grad, lse, delta, dq, n, h, scale * LOG2E, scale, *common, **_blocks(q))
+    _bwd_dkdv_kernel[_grid(n, b * h, "BLOCK_N")](
+        q, k, v, bias, grad, lse, delta, dk, dv, ds, n, h, scale * LOG2E, scale, *common, **_constants(q))
+    _bwd_dq_kernel[_grid(n, b * h, "BLOCK_M")](
+        q, k, v, bias, grad, lse, delta, dq, n, h, scale * LOG2E, scale, *common, **_constants(q))
     return dq, dk, dv, ds.view(b, h, n, n).sum(0, dtype=torch.float32)
 
 
