@@ -2,6 +2,7 @@
 parameters, and the gathered weights that the stages export."""
 from __future__ import annotations
 
+import csv
 import json
 import socket
 
@@ -77,3 +78,23 @@ def test_sweep_with_a_multi_gpu_trainer_is_refused_in_one_line(tmp_path):
                   cwd=tmp_path)
     lines = [l for l in res.stderr.splitlines() if l.startswith("fdlight: error:")]
     assert res.returncode == 2 and len(lines) == 1 and "trainer.devices=1" in lines[0]
+
+
+def test_ddp_over_two_cpu_processes_trains_one_run_with_the_global_batch(tmp_path):
+    """The same DDP code path as trainer=ddp on GPUs, over gloo: the data is split between the ranks, the lr is scaled
+    by the global batch, and rank 0 alone writes the run (the second process must not refuse the run directory)."""
+    run = tmp_path / "ddp"
+    res = run_cli(["trainer.strategy=ddp", "trainer.devices=2", "distill.epochs=2", f"hydra.run.dir={run}"],
+                  cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    cfg = compose([])
+    metrics = json.loads((run / "metrics.json").read_text())
+    global_batch = 2 * cfg.distill.batch_size
+    assert metrics["steps"] == 2 * (cfg.data.num_train // global_batch)  # each rank saw half the data per epoch
+    assert metrics["last_loss"] < metrics["first_loss"]
+    with open(run / "logs" / "version_0" / "metrics.csv") as f:
+        lrs = [float(row["train/lr"]) for row in csv.DictReader(f) if row["train/lr"]]
+    assert abs(max(lrs) / (cfg.distill.base_lr * global_batch / 512) - 1) < 0.01
+    assert sorted(p.name for p in run.iterdir() if p.suffix in (".safetensors", ".json")) == [
+        "metrics.json", "student.safetensors"]
+    assert list((run / "checkpoints").iterdir()) == [run / "checkpoints" / "last.ckpt"]

@@ -115,7 +115,9 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
 
 class Throughput(Callback):
-    """Images per second of the training loop (data loading included), logged per step and averaged for the end."""
+    """Images per second of the training loop (data loading included) over all processes, logged per step and
+    averaged for the end. Under DDP or FSDP every process steps in lockstep, so it is one process's rate times the
+    number of processes."""
 
     def __init__(self):
         self.images, self.seconds, self._t = 0, 0.0, None
@@ -129,7 +131,7 @@ class Throughput(Callback):
         if torch.cuda.is_available() and module.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - self._t
-        n = len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)
+        n = (len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)) * trainer.world_size
         if trainer.global_step > 1:  # skip the first steps' warm-up cost
             self.images += n
             self.seconds += dt
