@@ -98,3 +98,16 @@ def test_ddp_over_two_cpu_processes_trains_one_run_with_the_global_batch(tmp_pat
     assert sorted(p.name for p in run.iterdir() if p.suffix in (".safetensors", ".json")) == [
         "metrics.json", "student.safetensors"]
     assert list((run / "checkpoints").iterdir()) == [run / "checkpoints" / "last.ckpt"]
+
+
+def test_ddp_segmentation_on_cpus_keeps_batchnorm_per_process_and_writes_one_run(tmp_path):
+    """SyncBatchNorm is CUDA-only in PyTorch: on CPU processes the recipe's BatchNorm keeps per-process statistics,
+    and the stage still trains, validates over both ranks and writes its artifacts once."""
+    run = tmp_path / "seg"
+    res = run_cli(["stage=segment", "segment.max_steps=2", "segment.batch_size=2", "segment.num_vis=2",
+                   "data.num_val=4", "trainer.strategy=ddp", "trainer.devices=2", f"hydra.run.dir={run}"],
+                  cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and 0 <= metrics["val/mIoU"] <= 1
+    assert (run / "model.safetensors").is_file() and (run / "predictions.png").is_file()

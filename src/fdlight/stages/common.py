@@ -59,12 +59,16 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> Path | None:
     return ckpt
 
 
+def on_gpu(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer config runs on CUDA GPUs here (accelerator gpu/cuda, or auto with one visible)."""
+    return torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
+
+
 @contextlib.contextmanager
 def cpu_threads(cfg: DictConfig, s: DictConfig):
     """On a CPU run, use `<stage>.num_threads` intra-op threads (null: torch's default) while the stage runs."""
     before = torch.get_num_threads()
-    on_cpu = cfg.trainer.accelerator == "cpu" or (cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and s.get("num_threads"):
+    if not on_gpu(cfg.trainer) and s.get("num_threads"):
         torch.set_num_threads(int(s.num_threads))
     try:
         yield
@@ -75,8 +79,7 @@ def cpu_threads(cfg: DictConfig, s: DictConfig):
 def resolve_precision(trainer_cfg: DictConfig) -> str:
     if trainer_cfg.precision != "auto":
         return str(trainer_cfg.precision)
-    gpu = torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if gpu else "32-true"
+    return "bf16-mixed" if on_gpu(trainer_cfg) else "32-true"
 
 
 def build_strategy(trainer_cfg: DictConfig, wrap_classes: set[type] | None):

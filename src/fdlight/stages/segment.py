@@ -31,7 +31,7 @@ from fdlight.models.upernet import UPerNet
 from fdlight.models.upernet_gpu_check import bench, main as gpu_check_main  # noqa: F401 - bench re-exported
 from fdlight.models.weights import atomic_save_safetensors, read_export_metadata, read_state_dict
 from fdlight.modules.segment import SemanticSegmentation
-from fdlight.stages.common import cpu_threads, timed_fit, trained_state_dict, write_metrics
+from fdlight.stages.common import cpu_threads, on_gpu, timed_fit, trained_state_dict, write_metrics
 
 log = logging.getLogger(__name__)
 OPTIM_KEYS = ("lr", "warmup_lr", "min_lr", "warmup_steps", "schedule", "power", "layer_decay", "weight_decay",
@@ -197,12 +197,15 @@ def train_segmentation(cfg: DictConfig, run_dir: Path) -> dict:
     data = SegmentationData(cfg.data, s.batch_size, s.crop_size, s.ratio_range, s.cat_max_ratio, s.photometric,
                             s.eval_batch_size)
     data.setup()
-    world = world_size(cfg.trainer)
-    check(s.norm != "bn" or s.batch_size * world > 1,
-          f"segment.batch_size={s.batch_size} on one device leaves BatchNorm one value per channel on the 1x1 "
-          f"pyramid-pooling map; use segment.batch_size>=2 or segment.norm=gn")
+    # The recipe's SyncBN (statistics over the whole batch) on several GPUs; PyTorch has it for CUDA only, so
+    # processes on CPUs keep their own statistics.
+    sync_bn = s.norm == "bn" and world_size(cfg.trainer) > 1 and on_gpu(cfg.trainer)
+    bn_batch = s.batch_size * (world_size(cfg.trainer) if sync_bn else 1)
+    check(s.norm != "bn" or bn_batch > 1,
+          f"segment.batch_size={s.batch_size} per BatchNorm leaves it one value per channel on the 1x1 pyramid-pooling "
+          f"map; use segment.batch_size>=2 or segment.norm=gn")
     module, arch, kwargs, head = build_segmentation(cfg, s, data.num_classes)
-    if s.norm == "bn" and world > 1:  # the recipe's SyncBN: statistics over the whole batch
+    if sync_bn:
         module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model)
     trainer, meter, _, wall = timed_fit(cfg, s, run_dir, module, data, fit_and_validate)  # after the checks above
     metrics = {"stage": "segment", "backbone": arch.timm_model, "pretrained": str(s.pretrained or "") or None,
