@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +85,40 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     step = int(line.split("at step ")[1].split(";")[0])
     assert ckpt["global_step"] == step  # saved after the last finite step, before the bad one
     assert not (run_dir / "student.safetensors").exists()
+
+
+BAD_SETTINGS = {
+    "misspelled key": (["teachr=tiny"], "unknown config key 'teachr' in 'teachr=tiny'; did you mean teacher?"),
+    "misspelled key, appended": (["+teachr=tiny"], "unknown config key 'teachr'"),
+    "zero batch": (["distill.batch_size=0"], "distill.batch_size=0 must be a whole number >= 1"),
+    "text for a count": (["distill.epochs=ten"], "distill.epochs='ten' must be a whole number"),
+    "negative whitening eps": (["whitening.eps=-1"], "whitening.eps=-1 must be > 0"),
+    "text for a rate": (["drop_path.student=abc"], "drop_path.student='abc' is not a number"),
+    "unknown strategy": (["trainer.strategy=foo"], "trainer settings cannot run here: .*strategy='foo'"),
+    "missing weights before the grid check": (["teacher=clip_vitb", "teacher.weights=nope.pt"],
+                                              "teacher.weights file not found: nope.pt"),
+    **({} if torch.cuda.is_available() else
+       {"gpu trainer without a gpu": (["trainer=gpu"], "trainer.accelerator=gpu needs a CUDA GPU")}),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS)
+def test_bad_settings_fail_in_one_line_and_leave_no_run_directory(tmp_path, case):
+    overrides, expected = BAD_SETTINGS[case]
+    line = error_line(run_cli([*FAST, *overrides, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path))
+    assert re.search(expected, line), line
+    assert not (tmp_path / "run").exists()  # not even Hydra's empty log
+
+
+def test_non_finite_loss_before_any_checkpoint_says_so_and_logs_it(tmp_path):
+    run_dir = tmp_path / "run"
+    res = run_cli([*TINY, "data.num_train=64", "distill.batch_size=16", "distill.epochs=20", "distill.base_lr=1e35",
+                   "distill.warmup_epochs=0", "distill.clip_grad=0", "distill.checkpoint_every_n_steps=1000",
+                   f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    line = error_line(res)
+    assert "non-finite FD loss" in line and "no checkpoint had been written yet" in line
+    assert not (run_dir / "checkpoints").exists()
+    assert line.removeprefix("fdlight: ") in (run_dir / "__main__.log").read_text()  # the run's log says why
 
 
 def test_missing_data_root_names_it(tmp_path):

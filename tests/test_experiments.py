@@ -9,7 +9,7 @@ import pytest
 
 from conftest import compose, run_cli
 from fdlight.errors import FDLightError
-from fdlight.stages import run
+from fdlight.stages import check_counts, run
 
 EXPERIMENTS = sorted(p.name[:-5] for p in resources.files("fdlight.conf").joinpath("experiment").iterdir()
                      if p.name.endswith(".yaml"))
@@ -42,6 +42,7 @@ def test_every_experiment_composes_to_a_known_stage(name):
     cfg = compose([f"experiment={name}"])
     assert cfg.stage in ("distill", "finetune", "linear", "diagnose", "segment", "detect", "pipeline")
     assert cfg.get(cfg.stage) is not None  # the stage's own block is there
+    check_counts(cfg)  # its batch sizes, epochs and step counts are in range
 
 
 def test_the_twelve_official_recipes_are_all_there():
@@ -86,12 +87,13 @@ def test_fine_tuning_recipes_match_the_paper(name):
 
 
 def test_a_recipe_with_a_missing_data_root_says_so(tmp_path):
+    """(trainer=cpu: the recipes' GPU trainer would be refused first on a machine without one.)"""
     missing = tmp_path / "no_such_imagenet"
     cfg = compose(["experiment=fd_finetune__deit_vit_base__img224__300ep", f"data.root={missing}",
-                   f"finetune.pretrained={tmp_path / 'student.safetensors'}"])
+                   f"finetune.pretrained={tmp_path / 'student.safetensors'}", "trainer=cpu"])
     with pytest.raises(FDLightError, match=f"data.root={missing} does not exist"):
         run(cfg, tmp_path / "run")
-    cfg = compose(["experiment=fd_finetune__clip_vit_large__img224__300ep"])
+    cfg = compose(["experiment=fd_finetune__clip_vit_large__img224__300ep", "trainer=cpu"])
     with pytest.raises(FDLightError, match="data=imagenet needs data.root="):
         run(cfg, tmp_path / "run2")
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
@@ -106,7 +108,8 @@ def test_recipes_with_a_missing_data_root_fail_in_one_line(tmp_path):
     with pytest.raises(FDLightError, match=expected):
         run(cfg, tmp_path / "distill")
     result = run_cli(["experiment=fd_finetune__dino_vit_base__img224__300ep", f"data.root={missing}",
-                      f"finetune.pretrained={tmp_path / 'student.safetensors'}", f"hydra.run.dir={tmp_path / 'ft'}"],
+                      f"finetune.pretrained={tmp_path / 'student.safetensors'}", "trainer=cpu",
+                      f"hydra.run.dir={tmp_path / 'ft'}"],
                      cwd=tmp_path, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == f"fdlight: error: {expected}"

@@ -1,11 +1,14 @@
 """`python -m fdlight [group=choice ...] [key=value ...]`: compose the config with Hydra and run its stage."""
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import shutil
 import sys
 import warnings
 from importlib import resources
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -21,12 +24,35 @@ def group_choices(group: str) -> list[str]:
     return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
+def top_level_keys() -> set[str]:
+    """Every top-level key a shipped config can hold: the groups, the primary config's keys, and the sections the
+    stage and experiment files add."""
+    from omegaconf import OmegaConf
+
+    conf = resources.files("fdlight.conf")
+    files = [conf.joinpath("config.yaml")] + [f for group in ("stage", "experiment")
+                                              for f in conf.joinpath(group).iterdir() if f.name.endswith(".yaml")]
+    keys = {str(k) for f in files for k in OmegaConf.load(str(f)).keys()}
+    return (keys | set(GROUPS) | {"hydra"}) - {"defaults"}
+
+
 def check_group_overrides(argv: list[str]) -> None:
-    """Fail in one line on `teacher=nope`, naming the choices (Hydra's own message spans many lines)."""
+    """Fail in one line on `teacher=nope`, naming the choices, and on a misspelled top-level key such as `teachr=`
+    or `+teachr=` (Hydra's own message spans many lines, and its advice to append with `+` would train on
+    the default silently)."""
+    known = None
     for arg in argv:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
-        if not sep or key not in GROUPS or "," in value or value in ("null", ""):
+        if not sep or arg.startswith("-"):
+            continue
+        top = key.split(".")[0].split("/")[0].split("@")[0]
+        known = known or top_level_keys()
+        if top not in known:
+            close = difflib.get_close_matches(top, sorted(known), n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the top-level keys are: {', '.join(sorted(known))}"
+            raise FDLightError(f"unknown config key {top!r} in {arg!r}; {hint}")
+        if key not in GROUPS or "," in value or value in ("null", ""):
             continue
         choices = group_choices(key)
         if value not in choices:
@@ -47,6 +73,19 @@ def check_sweep_launch(cfg: DictConfig) -> None:
                            "trainer.devices=1, or launch one job per value (hydra/launcher=submitit_slurm, or torchrun)")
 
 
+def record_error(run_dir: Path, message: str) -> None:
+    """After a user error: a run directory holding nothing but Hydra's empty log (the run never started) is removed;
+    otherwise the error goes into its log files, beside what the run logged before it."""
+    entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    if entries and all(p.suffix == ".log" and p.is_file() and p.stat().st_size == 0 for p in entries):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    record = logging.LogRecord("fdlight", logging.ERROR, __file__, 0, f"error: {message}", None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://fdlight.conf", config_name="config")
 def _app(cfg: DictConfig) -> float | None:
     import lightning.pytorch  # noqa: F401 - attaches its console handler, removed below
@@ -58,12 +97,14 @@ def _app(cfg: DictConfig) -> float | None:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_sweep_launch(cfg)
-        metrics = run(cfg, HydraConfig.get().runtime.output_dir)
+        metrics = run(cfg, run_dir)
     except FDLightError as e:
         logging.getLogger("fdlight").debug("user error", exc_info=True)
         print(f"fdlight: error: {e}", file=sys.stderr)
+        record_error(run_dir, str(e))
         sys.exit(2)
     return metrics.get("last_loss") if isinstance(metrics, dict) else None
 

@@ -19,8 +19,9 @@ def student_kwargs(cfg: DictConfig) -> dict:
 
 
 def check_drop_path(rate: float, key: str) -> float:
-    check(isinstance(rate, (int, float)) and 0.0 <= float(rate) < 1.0,
-          f"{key}={rate} is outside [0, 1); pass a rate such as {key}=0.1")
+    number = isinstance(rate, (int, float)) and not isinstance(rate, bool)
+    check(number and 0.0 <= float(rate) < 1.0,
+          f"{key}={rate!r} is {'outside [0, 1)' if number else 'not a number'}; pass a rate such as {key}=0.1")
     return float(rate)
 
 

@@ -26,10 +26,15 @@ def is_torchscript(path: str | Path) -> bool:
         return any(n.endswith("constants.pkl") for n in z.namelist())
 
 
+def check_weights_file(path: str | Path, key: str = "weights") -> Path:
+    path = Path(path)
+    check(path.is_file(), f"{key} file not found: {path} (pass an existing .pt/.pth/.bin/.safetensors file)")
+    return path
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a weights file: safetensors, a torch pickle (plain or wrapped), or a TorchScript archive."""
-    path = Path(path)
-    check(path.is_file(), f"weights file not found: {path} (pass an existing .pt/.pth/.bin/.safetensors file)")
+    path = check_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))

@@ -49,7 +49,7 @@ class Classifier(L.LightningModule):
         raise NotImplementedError
 
     def record_loss(self, loss: torch.Tensor) -> None:
-        value = check_finite(loss, self.global_step, "training", f"lower {self.stage_key}.base_lr or check the pretrained weights")
+        value = check_finite(loss, self, "training", f"lower {self.stage_key}.base_lr or check the pretrained weights")
         if self.first_loss is None:
             self.first_loss = value
         self.last_loss = value

@@ -103,7 +103,7 @@ class InstanceSegmentation(DenseTask):
         targets = [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets]
         losses = self.model(list(images), targets)
         loss = sum(losses.values())
-        value = check_finite(loss, self.global_step, "detection", "lower detect.base_lr or check the data")
+        value = check_finite(loss, self, "detection", "lower detect.base_lr or check the data")
         self.first_loss = value if self.first_loss is None else self.first_loss
         self.last_loss = value
         self.log("train/loss", loss.detach(), prog_bar=True)

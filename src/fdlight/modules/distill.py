@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from fdlight.errors import FDLightError
+from fdlight.errors import FDLightError, check
 from fdlight.models.layout import TokenLayout, check_grids
 from fdlight.models.teachers import Teacher
 from fdlight.modules.guards import check_finite, clip_gradients
@@ -43,6 +43,9 @@ class FeatureDistillation(L.LightningModule):
                  no_decay_keywords=(), teacher_drop_path: bool = False):
         super().__init__()
         check_grids(student_layout, teacher.layout)
+        check(whitening != "fd_ln" or whitening_eps > 0,
+              f"whitening.eps={whitening_eps} must be > 0 (the paper's LayerNorm whitening uses 1e-5)")
+        check(loss_beta >= 0, f"distill.loss_beta={loss_beta} must be >= 0 (the paper's smooth-L1 uses 2.0; 0 is L1)")
         self.student = student
         self.projector = nn.Linear(student_layout.dim, teacher.layout.dim)  # == Conv1d(k=1) over tokens
         self.param_ndims = original_ndims(self)  # before any FSDP wrapping flattens them
@@ -89,7 +92,7 @@ class FeatureDistillation(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         loss = self.distill_loss(x)
-        value = check_finite(loss, self.global_step, "FD",
+        value = check_finite(loss, self, "FD",
                              "lower distill.base_lr or check the teacher weights and input data")
         if self.first_loss is None:
             self.first_loss = value

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -9,7 +10,7 @@ import torch
 from fdlight.errors import FDLightError
 
 
-def check_finite(loss: torch.Tensor, step: int, what: str, fix: str) -> float:
+def check_finite(loss: torch.Tensor, module: L.LightningModule, what: str, fix: str) -> float:
     """The loss as a float; a NaN/inf on any rank stops every rank before the optimizer applies it (the last
     checkpoint stays good)."""
     value = float(loss.detach())
@@ -19,9 +20,17 @@ def check_finite(loss: torch.Tensor, step: int, what: str, fix: str) -> float:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)  # every rank stops together
         finite = bool(flag.item())
     if not finite:
-        raise FDLightError(f"non-finite {what} loss ({value}) at step {step}; stopped before the update, the last "
-                           f"good checkpoint is kept; {fix}")
+        kept = "the last good checkpoint is kept" if saved_checkpoint(module) else "no checkpoint had been written yet"
+        raise FDLightError(f"non-finite {what} loss ({value}) at step {module.global_step}; stopped before the update, "
+                           f"{kept}; {fix}")
     return value
+
+
+def saved_checkpoint(module: L.LightningModule) -> Path | None:
+    """The run's checkpoints/last.ckpt, if the trainer has written one."""
+    callback = module.trainer.checkpoint_callback
+    last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+    return last if last is not None and last.is_file() else None
 
 
 def clip_gradients(module: L.LightningModule, optimizer, max_norm) -> None:

@@ -122,7 +122,7 @@ class SemanticSegmentation(DenseTask):
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         loss = segmentation_loss(self.train_forward(x), y, self.aux_weight)
-        value = check_finite(loss, self.global_step, "segmentation", "lower segment.base_lr or check the data")
+        value = check_finite(loss, self, "segmentation", "lower segment.base_lr or check the data")
         self.first_loss = value if self.first_loss is None else self.first_loss
         self.last_loss = value
         self.log("train/loss", loss.detach(), prog_bar=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.errors import FDLightError, check
@@ -150,10 +151,11 @@ def timed_fit(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, module: L.L
     """What the validated training stages share: claim the run directory (call it after every input check, so bad
     input leaves no run behind), build the trainer with a throughput meter, and time `fit(trainer, module, data,
     resume)`. Returns the trainer, the meter, fit's result and the wall seconds."""
-    resume = prepare_run_dir(cfg, run_dir)
+    resume = check_run_dir(cfg, run_dir)
     meter = Throughput()
     trainer = build_trainer(cfg, stage_cfg, run_dir, callbacks=[meter, *callbacks], validate=True,
                             checkpoint_every=stage_cfg.checkpoint_every_n_steps, **trainer_kwargs)
+    save_config(cfg, run_dir)  # once the trainer is built: a trainer config that cannot run here leaves no run
     start = time.perf_counter()
     result = fit(trainer, module, data, resume)
     return trainer, meter, result, time.perf_counter() - start
@@ -168,7 +170,7 @@ def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbac
     val_every = int(stage_cfg.get("val_every_n_epochs", 1)) or max_epochs + 1
     ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                            every_n_train_steps=checkpoint_every or None, save_on_train_epoch_end=True)
-    return L.Trainer(
+    settings = dict(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
         max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)),
@@ -178,6 +180,11 @@ def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbac
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, check_val_every_n_epoch=val_every,
         default_root_dir=str(run_dir), enable_model_summary=False,
     )
+    try:
+        return L.Trainer(**settings)
+    except (MisconfigurationException, ValueError, ImportError) as e:  # Lightning's checks of these settings
+        raise FDLightError(f"the trainer settings cannot run here: {str(e).strip().splitlines()[0]}; fix the "
+                           f"trainer.* value it names, or pick a preset (trainer=auto, cpu, gpu, ddp, fsdp)") from e
 
 
 def full_state_dict(root: torch.nn.Module, prefix: str, sharded: bool) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ from fdlight.models.drop_path import set_drop_path_mode
 from fdlight.models.layout import TokenLayout, check_grids
 from fdlight.models.students import block_classes, build_student, check_drop_path, student_kwargs, student_layout
 from fdlight.models.teachers import build_teacher
-from fdlight.models.weights import export_timm
+from fdlight.models.weights import check_weights_file, export_timm
 from fdlight.modules.distill import FeatureDistillation
 from fdlight.stages.common import (Throughput, build_trainer, check_run_dir, cpu_threads, save_config,
                                    trained_state_dict, write_metrics)
@@ -49,6 +49,8 @@ def build_distillation(cfg: DictConfig) -> FeatureDistillation:
     """The LightningModule of a config: checks drop-path rates and token grids before anything trains."""
     dp_student = check_drop_path(cfg.drop_path.student, "drop_path.student")
     dp_teacher = check_drop_path(cfg.drop_path.teacher, "drop_path.teacher")
+    if cfg.teacher.weights not in (None, "hub"):  # a missing file first: it is what the user typed last
+        check_weights_file(cfg.teacher.weights, "teacher.weights")
     declared = [declared_layout(cfg.student), declared_layout(cfg.teacher)]
     if all(declared):  # before building anything (a hub download included); rechecked on the built models
         check_grids(*declared, matching=students_with_grid(declared[1].grid))
@@ -82,10 +84,10 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
                               fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale))
     data.setup()  # a bad data root fails before any model is built
     module = build_distillation(cfg)
-    save_config(cfg, run_dir)  # only once every check has passed, so a failed start leaves no "run" behind
     meter = Throughput()
     trainer = build_trainer(cfg, cfg.distill, run_dir, callbacks=[meter], wrap_classes=block_classes(cfg.student),
                             checkpoint_every=cfg.distill.checkpoint_every_n_steps)
+    save_config(cfg, run_dir)  # only once every check has passed, so a failed start leaves no "run" behind
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
     wall = time.perf_counter() - start
