@@ -93,6 +93,18 @@ def test_json_holds_every_number_per_checkpoint(diagnosed):
     assert json.loads((out / "metrics.json").read_text())["stage"] == "diagnose"
 
 
+def test_landscapes_of_different_losses_never_share_an_axis(diagnosed):
+    from fdlight.diagnostics.plots import landscape_figure
+
+    fig = landscape_figure(diagnosed[2]["checkpoints"])  # probe, fd, ce, fd
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_xlabel() == "alpha (filter-normalised direction 1)"}
+    assert sorted(panels) == ["ce loss", "fd loss", "probe loss"]
+    for title, ax in panels.items():
+        labels = [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")]
+        assert labels and all(label.endswith(f"({title.split()[0]})") for label in labels)
+    assert len(panels["fd loss"].get_lines()) - 1 == 2  # fd and fd_ckpt, beside the zero line
+
+
 def test_plots_are_written_as_png(diagnosed):
     out, metrics, _ = diagnosed
     names = {"attention_distance.png", "head_diversity.png", "landscape.png", "attention_maps_teacher.png",
@@ -149,6 +161,14 @@ def test_summarize_for_the_demo(artifacts):
         assert math.isfinite(s["attn_distance_spread"]) and math.isfinite(s["sharpness"])
     other = summarize([str(artifacts["finetune"])], compose([*TINY, "stage=distill"]))  # defaults fill diagnose.*
     assert other["finetune/model"]["landscape_loss"] == "ce"
+
+
+def test_hessian_under_the_probe_loss_of_a_model_with_a_head(artifacts):
+    """The probe reads pre-logits features, so the model's own head is outside the loss: its Hessian rows are zero."""
+    cfg = compose([*TINY, *FAST, "diagnose.landscape.loss=probe", "diagnose.landscape.two_d=false",
+                   "diagnose.hessian=true", "diagnose.hessian_iters=3"])
+    d = diagnose_checkpoint(str(artifacts["finetune"]), cfg)
+    assert d.summary["landscape_loss"] == "probe" and math.isfinite(d.data["hessian"]["max_eigenvalue"])
 
 
 def test_teacher_weight_files_take_the_teacher_config(tmp_path):

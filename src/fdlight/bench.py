@@ -35,8 +35,10 @@ def peak_tflops(device: str, given: float | None) -> float | None:
     return next((v for k, v in PEAKS.items() if k in name), None)
 
 
-def timed(fn, steps: int, device: str) -> float:
-    """Mean seconds per call, synchronised."""
+def timed(fn, steps: int, device: str, warmup: int = 0) -> float:
+    """Mean seconds per call after `warmup` untimed calls, synchronised."""
+    for _ in range(warmup):
+        fn()
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -146,8 +148,9 @@ def main(argv=None) -> dict:
             module.prediction(x).float().square().mean().backward()
         opt.zero_grad(set_to_none=True)
 
-    teacher_s = timed(teacher_only, max(args.steps // 2, 1), dev)
-    student_s = timed(student_only, max(args.steps // 2, 1), dev)
+    # each part alone and eager (the step may be compiled), after warm-up calls of its own
+    teacher_s = timed(teacher_only, max(args.steps // 2, 1), dev, warmup=max(args.warmup, 1))
+    student_s = timed(student_only, max(args.steps // 2, 1), dev, warmup=max(args.warmup, 1))
     ips = batch / step_s
     peak = peak_tflops(dev, args.peak_tflops)
     achieved = ips * flops_per_img / 1e12
@@ -196,9 +199,7 @@ def finetune_bench(cfg, batch: int, args, dev: str) -> dict:
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    step_s = timed(step, args.steps, dev)
+    step_s = timed(step, args.steps, dev, warmup=args.warmup)
     result = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", stage="finetune",
                   student=cfg.student.name, batch=batch, compile=args.compile, img_per_s=round(batch / step_s, 1),
                   step_ms=round(step_s * 1e3, 2),

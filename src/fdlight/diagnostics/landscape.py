@@ -230,15 +230,17 @@ class Eigen:
 
 def hessian_vector_product(objective: Objective, params: list[torch.Tensor], v: list[torch.Tensor]
                            ) -> list[torch.Tensor]:
-    """H v of the mean loss over every batch (double backward, batch by batch)."""
+    """H v of the mean loss over every batch (double backward, batch by batch). Parameters the loss does not use (a
+    classifier head under the probe loss) have zero rows."""
     out = [torch.zeros_like(p) for p in params]
     n = objective.num_images
     for x, t in objective.batches:
         loss = objective.batch_loss(x, t) * (len(x) / n)
-        grads = torch.autograd.grad(loss, params, create_graph=True)
-        dot = sum((g * u).sum() for g, u in zip(grads, v))
-        for o, h in zip(out, torch.autograd.grad(dot, params)):
-            o += h
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        dot = sum((g * u).sum() for g, u in zip(grads, v) if g is not None)
+        for o, h in zip(out, torch.autograd.grad(dot, params, allow_unused=True)):
+            if h is not None:
+                o += h
     return out
 
 

@@ -98,8 +98,30 @@ def maps_figure(name: str, result: dict, maps: dict, max_layers: int = 6, max_he
     return fig
 
 
+def _curves(ax, items) -> None:
+    """1-D loss increase along direction 1 of each (color index, name, landscape)."""
+    ranges, lowest = [], 0.0
+    for i, name, ls in items:
+        increase = np.asarray(ls["curve"]) - ls["origin"]
+        ranges.append(float(np.abs(increase).max()))
+        lowest = min(lowest, float(increase.min()))
+        ax.plot(ls["alphas"], increase, marker="o", ms=3, color=_color(i), label=f"{name} ({ls['loss']})")
+    ax.axhline(0, color="gray", lw=0.8)
+    small = min((r for r in ranges if r > 0), default=0.0)
+    if small and max(ranges) / small > 30:  # curves of very different heights: keep the flat ones visible
+        ax.set_yscale("symlog", linthresh=small / 5)
+        ax.set_ylim(bottom=min(-small / 5, 1.5 * lowest))
+        ax.set_ylabel("loss increase L(alpha) - L(0), symlog")
+    ax.set_xlabel("alpha (filter-normalised direction 1)")
+    if ax.get_yscale() == "linear":
+        ax.set_ylabel("loss increase L(alpha) - L(0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def landscape_figure(results: dict[str, dict]) -> Figure | None:
-    """Top: 2-D contour per checkpoint (same alpha/beta axes). Bottom: 1-D loss increase of every checkpoint."""
+    """Top: 2-D contour per checkpoint (same alpha/beta axes). Bottom: 1-D loss increase of every checkpoint, one
+    panel per loss (a teacher's probe loss and a student's FD loss are not on one scale)."""
     items = [(name, r["landscape"]) for name, r in results.items() if r.get("landscape")]
     if not items:
         return None
@@ -123,24 +145,13 @@ def landscape_figure(results: dict[str, dict]) -> Figure | None:
         ax.set_xlabel("alpha (direction 1)")
         ax.set_ylabel("beta (direction 2)")
         ax.set_aspect("equal")
-    ax = fig.add_subplot(grid[1, :])
-    ranges, lowest = [], 0.0
-    for i, (name, ls) in enumerate(items):
-        increase = np.asarray(ls["curve"]) - ls["origin"]
-        ranges.append(float(np.abs(increase).max()))
-        lowest = min(lowest, float(increase.min()))
-        ax.plot(ls["alphas"], increase, marker="o", ms=3, color=_color(i), label=f"{name} ({ls['loss']})")
-    ax.axhline(0, color="gray", lw=0.8)
-    small = min((r for r in ranges if r > 0), default=0.0)
-    if small and max(ranges) / small > 30:  # curves of very different heights: keep the flat ones visible
-        ax.set_yscale("symlog", linthresh=small / 5)
-        ax.set_ylim(bottom=min(-small / 5, 1.5 * lowest))
-        ax.set_ylabel("loss increase L(alpha) - L(0), symlog")
-    ax.set_xlabel("alpha (filter-normalised direction 1)")
-    if ax.get_yscale() == "linear":
-        ax.set_ylabel("loss increase L(alpha) - L(0)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    kinds = list(dict.fromkeys(ls["loss"] for _, ls in items))  # unlike losses never share an axis
+    bottom = grid[1, :].subgridspec(1, len(kinds))
+    for j, kind in enumerate(kinds):
+        ax = fig.add_subplot(bottom[0, j])
+        _curves(ax, [(i, name, ls) for i, (name, ls) in enumerate(items) if ls["loss"] == kind])
+        if len(kinds) > 1:
+            ax.set_title(f"{kind} loss", fontsize=9)
     fig.suptitle("Loss landscape (filter-normalised random directions)", fontsize=10)
     return fig
 

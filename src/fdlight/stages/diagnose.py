@@ -318,6 +318,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         log.info("%s (%s): attention distance spread %.3f px, head KL %.4f, diagonality %.3f, %s sharpness %s",
                  s.name, s.kind, sm["attn_distance_spread"], sm["head_kl_mean"], sm["diagonality_mean"],
                  sm["landscape_loss"], "n/a" if sm["sharpness"] is None else f"{sm['sharpness']:.4g}")
+    losses = sorted({r.summary["landscape_loss"] for r in results.values()} - {None})
+    if len(losses) > 1:
+        log.warning("the landscapes use different losses (%s): landscape.png draws each loss in its own panel; pass "
+                    "diagnose.landscape.loss=probe to compare every checkpoint on one loss", ", ".join(losses))
     pngs = write_outputs(run_dir, results, cfg)
     summaries = {n: r.summary for n, r in results.items()}
     if cfg.logger.name == "wandb":
