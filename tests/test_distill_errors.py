@@ -61,7 +61,10 @@ def test_token_grid_mismatch_names_both_grids_and_the_fix():
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):
     run_dir = tmp_path / "run"
-    assert run_cli([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0
+    first = run_cli([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert first.returncode == 0
+    console = first.stdout + first.stderr
+    assert "train/loss" in console and "litlogger" not in console and "v_num" not in console  # no library noise
     digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
               and p.suffix != ".log"}
     line = error_line(run_cli([*FAST, "drop_path.student=0.3", f"hydra.run.dir={run_dir}"], cwd=tmp_path))

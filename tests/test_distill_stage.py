@@ -40,6 +40,19 @@ def test_run_writes_its_artifacts_and_the_loss_falls(distilled):
     assert saved["last_loss"] < saved["first_loss"]
     assert saved["img_per_s"] > 0
     assert list((run_dir / "logs").glob("version_*/metrics.csv"))
+    modes = {name: (run_dir / name).stat().st_mode & 0o777 for name in ("student.safetensors", "config.yaml")}
+    assert modes["student.safetensors"] == modes["config.yaml"]  # as readable as every other output
+
+
+def test_a_run_too_short_to_time_writes_strict_json(tmp_path):
+    """One step leaves img/s unmeasured (the first steps are warm-up): null in metrics.json, not a bare NaN."""
+    run_stage(["data.num_train=32", "distill.batch_size=16", "distill.max_steps=1"], tmp_path / "run")
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text(), parse_constant=refuse)
+    assert saved["steps"] == 1 and saved["img_per_s"] is None
 
 
 def test_checkpoint_holds_student_and_projector_only(distilled):

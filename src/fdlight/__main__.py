@@ -97,6 +97,7 @@ def _app(cfg: DictConfig) -> float | None:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_sweep_launch(cfg)

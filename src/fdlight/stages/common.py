@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
@@ -118,9 +119,19 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     raise FDLightError(f"unknown logger {cfg.logger.name!r}; use logger=csv or logger=wandb")
 
 
+class ProgressBar(RichProgressBar):
+    """Lightning's rich progress bar without `v_num` (the logger's version number, always 0 in a run directory of
+    its own)."""
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
+
 class Throughput(Callback):
-    """Images per second of the training loop (data loading included) over all processes, logged per step and
-    averaged for the end. Under DDP or FSDP every process steps in lockstep, so it is one process's rate times the
+    """Images per second of the training step (forward, backward, update; the batch is already loaded when
+    on_train_batch_start runs) over all processes, logged per step and averaged for the end. Under DDP or FSDP every process steps in lockstep, so it is one process's rate times the
     number of processes."""
 
     def __init__(self):
@@ -175,7 +186,7 @@ def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbac
         strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
         max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)),
         accumulate_grad_batches=int(t.accumulate_grad_batches),
-        logger=build_logger(cfg, run_dir), callbacks=[ckpt, *callbacks],
+        logger=build_logger(cfg, run_dir), callbacks=[ckpt, ProgressBar(), *callbacks],
         log_every_n_steps=int(stage_cfg.get("log_every_n_steps", 10)),
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, check_val_every_n_epoch=val_every,
         default_root_dir=str(run_dir), enable_model_summary=False,
@@ -211,5 +222,17 @@ def trained_state_dict(trainer: L.Trainer, module: L.LightningModule, prefix: st
     return full_state_dict(trainer.strategy.model if sharded else module, prefix, sharded)
 
 
+def strict_json(value):
+    """NaN and infinities (e.g. img/s of a run too short to time) as null: strict JSON has no such numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def write_metrics(run_dir: Path, metrics: dict) -> None:
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    text = json.dumps(strict_json(metrics), indent=2, sort_keys=True, allow_nan=False)
+    atomic_write_text(run_dir / "metrics.json", text + "\n")

@@ -134,7 +134,7 @@ def train_detection(cfg: DictConfig, run_dir: Path) -> dict:
                    pretrained=s.pretrained or "", classes=json.dumps(data.classes))
         write_metrics(run_dir, metrics)
         plot_detections(module, data.val_set, data.classes, run_dir / "predictions.png", s.num_vis)
-        log.info("detection on %s: box mAP %.4f, mask mAP %.4f after %d steps (%.0f s); model at %s", cfg.data.name,
-                 metrics.get("val/bbox_mAP", np.nan), metrics.get("val/segm_mAP", np.nan), metrics["steps"], wall,
-                 run_dir / "model.safetensors")
+        log.info("detection on %s: box mAP %.2f%%, mask mAP %.2f%% after %d steps (%.0f s); model at %s",
+                 cfg.data.name, 100 * metrics.get("val/bbox_mAP", np.nan), 100 * metrics.get("val/segm_mAP", np.nan),
+                 metrics["steps"], wall, run_dir / "model.safetensors")
     return metrics

@@ -281,10 +281,12 @@ def write_plots(run_dir: Path, results: dict[str, Diagnosis], d: DictConfig) -> 
 def write_outputs(run_dir: Path, results: dict[str, Diagnosis], cfg: DictConfig) -> list[Path]:
     from safetensors.torch import save_file
 
+    from fdlight.stages.common import strict_json
+
     d = settings(cfg)
     doc = {"settings": OmegaConf.to_container(d, resolve=True), "data": str(cfg.data.name),
            "maps_file": "attention_maps.safetensors", "checkpoints": {n: r.data for n, r in results.items()}}
-    atomic_write_text(run_dir / "diagnostics.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(run_dir / "diagnostics.json", json.dumps(strict_json(doc), indent=1, allow_nan=False) + "\n")
     save_file({f"{n}|{layer}": m.contiguous() for n, r in results.items() for layer, m in r.maps.items()},
               str(run_dir / "attention_maps.safetensors"))
     return write_plots(run_dir, results, d)

@@ -165,6 +165,11 @@ def _pct(value) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def _num(value, spec: str) -> str:
+    """A number, or a dash where it is missing (null in a metrics.json, NaN in memory)."""
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
 def extra_rows(extra: dict) -> list[str]:
     """Teacher vs FD student rows of the diagnose and segment steps."""
     if not extra:
@@ -197,8 +202,8 @@ def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict, ext
         loss = f"{m['first_loss']:.4f} -> {m['last_loss']:.4f}" if name == "distill" else "–"
         top1 = None if name == "distill" else m.get("val/top1")
         rows.append(f"| {numbers[name]} | {labels[name]} ({m.get('steps', '?')} steps) | {_pct(top1)} | "
-                    f"{_pct(m.get('val/top5'))} | {loss} | {m.get('img_per_s', float('nan')):.0f} | "
-                    f"{m.get('step_wall_s', m.get('wall_s', float('nan'))):.1f} |")
+                    f"{_pct(m.get('val/top5'))} | {loss} | {_num(m.get('img_per_s'), '.0f')} | "
+                    f"{_num(m.get('step_wall_s', m.get('wall_s')), '.1f')} |")
     t, s = metrics["finetune_teacher/val/top1"], metrics["finetune_student/val/top1"]
     n = int(cfg.data.get("num_val") or 0)
     noise = f" (one seed, {n} validation images: about ±{200 * math.sqrt((t * (1 - t) + s * (1 - s)) / n):.1f} " \

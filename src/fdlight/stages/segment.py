@@ -219,8 +219,8 @@ def train_segmentation(cfg: DictConfig, run_dir: Path) -> dict:
                    data=cfg.data.name, pretrained=s.pretrained or "")
         write_metrics(run_dir, metrics)
         plot_predictions(module, data.val_set, run_dir / "predictions.png", s.num_vis)
-        log.info("segmentation on %s: mIoU %.4f after %d steps (%.0f s); model at %s", cfg.data.name,
-                 metrics.get("val/mIoU", float("nan")), metrics["steps"], wall, run_dir / "model.safetensors")
+        log.info("segmentation on %s: mIoU %.2f%% after %d steps (%.0f s); model at %s", cfg.data.name,
+                 100 * metrics.get("val/mIoU", float("nan")), metrics["steps"], wall, run_dir / "model.safetensors")
     return metrics
 
 
