@@ -121,7 +121,7 @@ def test_non_finite_loss_before_any_checkpoint_says_so_and_logs_it(tmp_path):
     line = error_line(res)
     assert "non-finite FD loss" in line and "no checkpoint had been written yet" in line
     assert not (run_dir / "checkpoints").exists()
-    assert line.removeprefix("fdlight: ") in (run_dir / "__main__.log").read_text()  # the run's log says why
+    assert line.removeprefix("fdlight: ") in (run_dir / "fdlight.log").read_text()  # the run's log says why
 
 
 def test_missing_data_root_names_it(tmp_path):
