@@ -49,3 +49,16 @@ def test_teacher_declares_its_geometry_and_statistics():
 def test_command_line_value_beats_group_file():
     cfg = compose(["drop_path=symmetric", "drop_path.student=0.3"])
     assert cfg.drop_path.teacher == 0.3  # the symmetric ablation follows the student's rate
+
+
+def test_the_key_check_leaves_hydra_flags_and_deliberate_new_keys_alone():
+    from fdlight.__main__ import check_group_overrides
+    from fdlight.errors import FDLightError
+
+    for fine in (["-sc", "install=bash"], ["-cd", "/x/a=b", "mykey=1"], ["+notes=x"], ["data.root=/a=b"],
+                 ["hydra/launcher=basic"], ["~resume"], ["--cfg", "job", "teacher=tiny"]):
+        check_group_overrides(fine)
+    for bad, hint in ((["+teachr=tiny"], "did you mean teacher"), (["foo=1"], "the top-level keys are: data, "),
+                      (["-m", "distil.epochs=1,2"], "did you mean distill")):
+        with pytest.raises(FDLightError, match=hint):
+            check_group_overrides(bad)

@@ -113,6 +113,12 @@ def test_bad_settings_fail_in_one_line_and_leave_no_run_directory(tmp_path, case
     assert not (tmp_path / "run").exists()  # not even Hydra's empty log
 
 
+def test_an_open_clip_tag_is_not_taken_for_a_missing_file():
+    cfg = compose([*TINY, "teacher=open_clip", "teacher.name=ViT-B-16", "teacher.weights=openai"])
+    with pytest.raises(FDLightError, match="cannot fetch weights .* open_clip ViT-B-16:openai"):
+        build_distillation(cfg)  # offline here: the tag reaches open_clip, whose download fails
+
+
 def test_non_finite_loss_before_any_checkpoint_says_so_and_logs_it(tmp_path):
     run_dir = tmp_path / "run"
     res = run_cli([*TINY, "data.num_train=64", "distill.batch_size=16", "distill.epochs=20", "distill.base_lr=1e35",

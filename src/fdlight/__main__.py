@@ -1,10 +1,10 @@
 """`python -m fdlight [group=choice ...] [key=value ...]`: compose the config with Hydra and run its stage."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
-import shutil
 import sys
 import warnings
 from importlib import resources
@@ -36,22 +36,45 @@ def top_level_keys() -> set[str]:
     return (keys | set(GROUPS) | {"hydra"}) - {"defaults"}
 
 
+# Hydra's flags that take the next argument as their value, and those that point it at a user's own config
+# (whose keys fdlight cannot know).
+VALUE_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir", "-sc", "--shell-completion",
+               "-p", "--package", "-c", "--cfg", "--experimental-rerun")  # --info's value has no "=": no override
+USER_CONFIG_FLAGS = ("-cp", "--config-path", "-cn", "--config-name", "-cd", "--config-dir")
+
+
+def overrides(argv: list[str]) -> list[str]:
+    """The key=value overrides of a command line, without Hydra's flags and their values."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in VALUE_FLAGS
+        else:
+            out.append(arg)
+    return out
+
+
 def check_group_overrides(argv: list[str]) -> None:
     """Fail in one line on `teacher=nope`, naming the choices, and on a misspelled top-level key such as `teachr=`
     or `+teachr=` (Hydra's own message spans many lines, and its advice to append with `+` would train on
-    the default silently)."""
+    the default silently). A deliberate new key (`+notes=...`, close to no known key) is left to Hydra."""
+    user_config = any(a.split("=")[0] in USER_CONFIG_FLAGS for a in argv)
     known = None
-    for arg in argv:
+    for arg in overrides(argv):
         key, sep, value = arg.partition("=")
+        appended = key.startswith("+")
         key = key.lstrip("+~")
-        if not sep or arg.startswith("-"):
+        if not sep:
             continue
         top = key.split(".")[0].split("/")[0].split("@")[0]
         known = known or top_level_keys()
-        if top not in known:
-            close = difflib.get_close_matches(top, sorted(known), n=1)
-            hint = f"did you mean {close[0]}?" if close else f"the top-level keys are: {', '.join(sorted(known))}"
-            raise FDLightError(f"unknown config key {top!r} in {arg!r}; {hint}")
+        if top not in known and not user_config:
+            close = difflib.get_close_matches(top, sorted(known), n=1, cutoff=0.8 if appended else 0.6)
+            if close or not appended:
+                hint = f"did you mean {close[0]}?" if close else f"the top-level keys are: {', '.join(sorted(known))}"
+                raise FDLightError(f"unknown config key {top!r} in {arg!r}; {hint}")
         if key not in GROUPS or "," in value or value in ("null", ""):
             continue
         choices = group_choices(key)
@@ -73,14 +96,17 @@ def check_sweep_launch(cfg: DictConfig) -> None:
                            "trainer.devices=1, or launch one job per value (hydra/launcher=submitit_slurm, or torchrun)")
 
 
-def record_error(run_dir: Path, message: str) -> None:
-    """After a user error: a run directory holding nothing but Hydra's empty log (the run never started) is removed;
-    otherwise the error goes into its log files, beside what the run logged before it."""
-    entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
-    if entries and all(p.suffix == ".log" and p.is_file() and p.stat().st_size == 0 for p in entries):
-        shutil.rmtree(run_dir, ignore_errors=True)
+def record_error(run_dir: Path, error: FDLightError) -> None:
+    """After a user error: a run that never started (its directory holds only this job's empty log) leaves no
+    directory; otherwise the error and its traceback go to the run's log file, beside what the run logged before."""
+    own_log = run_dir / f"{HydraConfig.get().job.name}.log"
+    if own_log.is_file() and own_log.stat().st_size == 0 and [p.name for p in run_dir.iterdir()] == [own_log.name]:
+        own_log.unlink()
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only when empty: never anything but what Hydra made for this job
         return
-    record = logging.LogRecord("fdlight", logging.ERROR, __file__, 0, f"error: {message}", None, None)
+    record = logging.LogRecord("fdlight", logging.ERROR, __file__, 0, f"error: {error}", None,
+                               (type(error), error, error.__traceback__))
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
@@ -103,9 +129,8 @@ def _app(cfg: DictConfig) -> float | None:
         check_sweep_launch(cfg)
         metrics = run(cfg, run_dir)
     except FDLightError as e:
-        logging.getLogger("fdlight").debug("user error", exc_info=True)
         print(f"fdlight: error: {e}", file=sys.stderr)
-        record_error(run_dir, str(e))
+        record_error(run_dir, e)
         sys.exit(2)
     return metrics.get("last_loss") if isinstance(metrics, dict) else None
 

@@ -158,9 +158,7 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates its file readable by its owner only
+    os.chmod(tmp, 0o644)  # safetensors creates its file readable by its owner only
     os.replace(tmp, path)
 
 

@@ -20,7 +20,8 @@ AT_LEAST = {"batch_size": 1, "eval_batch_size": 1, "epochs": 1, "log_every_n_ste
 def check_trainer(t: DictConfig) -> None:
     """A GPU trainer on a machine without one fails before any model is built (Lightning's own error is a
     traceback)."""
-    check(str(t.accelerator) not in ("gpu", "cuda") or torch.cuda.is_available(),
+    gpu = torch.cuda.is_available() or (t.accelerator == "gpu" and torch.backends.mps.is_available())
+    check(str(t.accelerator) not in ("gpu", "cuda") or gpu,
           f"trainer.accelerator={t.accelerator} needs a CUDA GPU and none is visible here; use trainer=cpu, or "
           f"trainer=auto to take a GPU when there is one")
 

@@ -193,7 +193,7 @@ def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbac
     )
     try:
         return L.Trainer(**settings)
-    except (MisconfigurationException, ValueError, ImportError) as e:  # Lightning's checks of these settings
+    except (MisconfigurationException, ValueError) as e:  # Lightning's checks of these settings (traceback: the log)
         raise FDLightError(f"the trainer settings cannot run here: {str(e).strip().splitlines()[0]}; fix the "
                            f"trainer.* value it names, or pick a preset (trainer=auto, cpu, gpu, ddp, fsdp)") from e
 

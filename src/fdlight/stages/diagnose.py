@@ -25,7 +25,7 @@ from fdlight.diagnostics.landscape import (ClassificationLoss, DistillationLoss,
                                            loss_landscape, top_hessian_eigenvalue)
 from fdlight.diagnostics.loading import Subject, build_fd_module, default_name, eval_batches, load_subject
 from fdlight.errors import FDLightError, check
-from fdlight.models.weights import atomic_write_text
+from fdlight.models.weights import atomic_save_safetensors, atomic_write_text
 
 log = logging.getLogger(__name__)
 LOSSES = ("auto", "ce", "fd", "probe", "none")
@@ -279,16 +279,14 @@ def write_plots(run_dir: Path, results: dict[str, Diagnosis], d: DictConfig) -> 
 
 
 def write_outputs(run_dir: Path, results: dict[str, Diagnosis], cfg: DictConfig) -> list[Path]:
-    from safetensors.torch import save_file
-
     from fdlight.stages.common import strict_json
 
     d = settings(cfg)
     doc = {"settings": OmegaConf.to_container(d, resolve=True), "data": str(cfg.data.name),
            "maps_file": "attention_maps.safetensors", "checkpoints": {n: r.data for n, r in results.items()}}
     atomic_write_text(run_dir / "diagnostics.json", json.dumps(strict_json(doc), indent=1, allow_nan=False) + "\n")
-    save_file({f"{n}|{layer}": m.contiguous() for n, r in results.items() for layer, m in r.maps.items()},
-              str(run_dir / "attention_maps.safetensors"))
+    atomic_save_safetensors({f"{n}|{layer}": m for n, r in results.items() for layer, m in r.maps.items()},
+                            run_dir / "attention_maps.safetensors", {"format": "fdlight attention maps"})
     return write_plots(run_dir, results, d)
 
 

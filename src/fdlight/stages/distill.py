@@ -16,7 +16,7 @@ from fdlight.models.attention import set_attention
 from fdlight.models.drop_path import set_drop_path_mode
 from fdlight.models.layout import TokenLayout, check_grids
 from fdlight.models.students import block_classes, build_student, check_drop_path, student_kwargs, student_layout
-from fdlight.models.teachers import build_teacher
+from fdlight.models.teachers import build_teacher, looks_like_file
 from fdlight.models.weights import check_weights_file, export_timm
 from fdlight.modules.distill import FeatureDistillation
 from fdlight.stages.common import (Throughput, build_trainer, check_run_dir, cpu_threads, save_config,
@@ -49,7 +49,7 @@ def build_distillation(cfg: DictConfig) -> FeatureDistillation:
     """The LightningModule of a config: checks drop-path rates and token grids before anything trains."""
     dp_student = check_drop_path(cfg.drop_path.student, "drop_path.student")
     dp_teacher = check_drop_path(cfg.drop_path.teacher, "drop_path.teacher")
-    if cfg.teacher.weights not in (None, "hub"):  # a missing file first: it is what the user typed last
+    if looks_like_file(cfg.teacher.weights):  # a missing file first (not an open_clip tag such as `openai`)
         check_weights_file(cfg.teacher.weights, "teacher.weights")
     declared = [declared_layout(cfg.student), declared_layout(cfg.teacher)]
     if all(declared):  # before building anything (a hub download included); rechecked on the built models
