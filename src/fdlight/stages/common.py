@@ -131,8 +131,8 @@ class ProgressBar(RichProgressBar):
 
 class Throughput(Callback):
     """Images per second of the training step (forward, backward, update; the batch is already loaded when
-    on_train_batch_start runs) over all processes, logged per step and averaged for the end. Under DDP or FSDP every process steps in lockstep, so it is one process's rate times the
-    number of processes."""
+    on_train_batch_start runs) over all processes, logged per step and averaged for the end. Under DDP or FSDP every
+    process steps in lockstep, so it is one process's rate times the number of processes."""
 
     def __init__(self):
         self.images, self.seconds, self._t = 0, 0.0, None
@@ -194,8 +194,9 @@ def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbac
     try:
         return L.Trainer(**settings)
     except (MisconfigurationException, ValueError) as e:  # Lightning's checks of these settings (traceback: the log)
-        raise FDLightError(f"the trainer settings cannot run here: {str(e).strip().splitlines()[0]}; fix the "
-                           f"trainer.* value it names, or pick a preset (trainer=auto, cpu, gpu, ddp, fsdp)") from e
+        reason = str(e).strip().splitlines()[0].rstrip(".")
+        raise FDLightError(f"the trainer settings cannot run here: {reason}; fix the trainer.* value it names, or "
+                           f"pick a preset (trainer=auto, cpu, gpu, ddp, fsdp)") from e
 
 
 def full_state_dict(root: torch.nn.Module, prefix: str, sharded: bool) -> dict[str, torch.Tensor]:
