@@ -77,12 +77,17 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path):
     assert "no checkpoint at" in line
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+def diverging_run(tmp_path: Path, checkpoint_every: int) -> tuple[Path, str]:
+    """A distillation whose lr makes the loss non-finite within a few steps: its run directory and error line."""
     run_dir = tmp_path / "run"
     res = run_cli([*TINY, "data.num_train=64", "distill.batch_size=16", "distill.epochs=20", "distill.base_lr=1e35",
-                   "distill.warmup_epochs=0", "distill.clip_grad=0", "distill.checkpoint_every_n_steps=1",
-                   f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    line = error_line(res)
+                   "distill.warmup_epochs=0", "distill.clip_grad=0",
+                   f"distill.checkpoint_every_n_steps={checkpoint_every}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    return run_dir, error_line(res)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    run_dir, line = diverging_run(tmp_path, checkpoint_every=1)
     assert "non-finite FD loss" in line and "last good checkpoint is kept" in line
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     step = int(line.split("at step ")[1].split(";")[0])
@@ -120,11 +125,7 @@ def test_an_open_clip_tag_is_not_taken_for_a_missing_file():
 
 
 def test_non_finite_loss_before_any_checkpoint_says_so_and_logs_it(tmp_path):
-    run_dir = tmp_path / "run"
-    res = run_cli([*TINY, "data.num_train=64", "distill.batch_size=16", "distill.epochs=20", "distill.base_lr=1e35",
-                   "distill.warmup_epochs=0", "distill.clip_grad=0", "distill.checkpoint_every_n_steps=1000",
-                   f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    line = error_line(res)
+    run_dir, line = diverging_run(tmp_path, checkpoint_every=1000)
     assert "non-finite FD loss" in line and "no checkpoint had been written yet" in line
     assert not (run_dir / "checkpoints").exists()
     assert line.removeprefix("fdlight: ") in (run_dir / "fdlight.log").read_text()  # the run's log says why
