@@ -305,3 +305,15 @@ def test_compiled_training_forward_matches_eager_and_adds_no_state(tmp_path):
     assert not any("_orig_mod" in k for k in module.state_dict())
     metrics = run_stage([*FAST, "trainer.compile=true", "segment.max_steps=2"], tmp_path / "run")
     assert metrics["steps"] == 2 and np.isfinite(metrics["last_loss"])
+
+
+def test_world_size_reads_devices_as_lightning_does():
+    """It decides SyncBatchNorm before the trainer exists: counts, id lists and nodes all count processes."""
+    from omegaconf import OmegaConf
+
+    from fdlight.stages.segment import world_size
+
+    def size(devices, nodes=1, accelerator="cpu"):
+        return world_size(OmegaConf.create({"devices": devices, "num_nodes": nodes, "accelerator": accelerator}))
+
+    assert [size(1), size(4), size([0, 1]), size("0,1,3"), size("auto"), size(2, nodes=3)] == [1, 4, 2, 3, 1, 6]

@@ -63,10 +63,17 @@ def optim_config(s: DictConfig) -> dict:
 
 
 def world_size(trainer_cfg: DictConfig) -> int:
-    """Processes the trainer config asks for (devices=-1: every visible GPU)."""
-    devices = int(trainer_cfg.devices) if str(trainer_cfg.devices).lstrip("-").isdigit() else 1
-    if devices < 0:
-        devices = max(torch.cuda.device_count(), 1)
+    """Processes the trainer config asks for, as Lightning reads `devices`: a count (-1, or auto on a GPU: every
+    visible GPU), or a list of device ids ([0, 1] or "0,1")."""
+    d = trainer_cfg.devices
+    if OmegaConf.is_list(d) or isinstance(d, (list, tuple)):
+        devices = len(d)
+    elif isinstance(d, str) and "," in d:
+        devices = len([i for i in d.split(",") if i.strip()])
+    elif str(d).lstrip("-").isdigit() and int(d) >= 0:
+        devices = int(d)
+    else:  # -1 or auto
+        devices = max(torch.cuda.device_count(), 1) if on_gpu(trainer_cfg) else 1
     return devices * int(trainer_cfg.num_nodes)
 
 
