@@ -17,9 +17,10 @@ test: install
 bench: install
 	$(PYTHON) -m fdlight.bench
 
-# On a GPU machine with fdlight installed: both training steps, compiled, with each kernel choice (a failing variant
-# does not stop the others).
+# On a GPU machine with fdlight installed: the Triton kernel's checks on the GPU (bf16 included), then both training
+# steps, compiled, with each kernel choice (a failing variant does not stop the others).
 gpu-bench:
+	-$(PYTHON) -m pytest -q tests/test_biased_attention.py
 	-$(PYTHON) -m fdlight.bench --compile
 	-$(PYTHON) -m fdlight.bench --compile trainer.attention=triton
 	-$(PYTHON) -m fdlight.bench --compile trainer.attention=triton drop_path.mode=subset
