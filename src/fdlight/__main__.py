@@ -123,7 +123,6 @@ def _app(cfg: DictConfig) -> float | None:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_sweep_launch(cfg)
@@ -147,6 +146,7 @@ def main() -> None:
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     try:
         check_group_overrides(sys.argv[1:])
     except FDLightError as e:
