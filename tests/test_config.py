@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose
-from fdlight.stages import check_counts
+from fdlight.settings import check_sections
 
 GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger")
 NEEDS = {  # choices that need a value from the user to be complete
@@ -29,7 +29,7 @@ def test_every_group_choice_composes_and_resolves(group, choice):
     cfg = compose([f"{group}={choice}", *NEEDS.get((group, choice), [])])
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert resolved[group] if group != "stage" else resolved["stage"] == choice
-    check_counts(cfg)
+    check_sections(cfg)
 
 
 def test_default_is_the_embedded_distillation():

@@ -9,7 +9,8 @@ import pytest
 
 from conftest import compose, run_cli
 from fdlight.errors import FDLightError
-from fdlight.stages import check_counts, run
+from fdlight.settings import check_sections
+from fdlight.stages import run
 
 EXPERIMENTS = sorted(p.name[:-5] for p in resources.files("fdlight.conf").joinpath("experiment").iterdir()
                      if p.name.endswith(".yaml"))
@@ -42,7 +43,7 @@ def test_every_experiment_composes_to_a_known_stage(name):
     cfg = compose([f"experiment={name}"])
     assert cfg.stage in ("distill", "finetune", "linear", "diagnose", "segment", "detect", "pipeline")
     assert cfg.get(cfg.stage) is not None  # the stage's own block is there
-    check_counts(cfg)  # its batch sizes, epochs and step counts are in range
+    check_sections(cfg)  # its batch sizes, epochs and step counts are in range
 
 
 def test_the_twelve_official_recipes_are_all_there():

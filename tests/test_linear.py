@@ -14,7 +14,7 @@ from conftest import TINY, compose, run_stage
 from fdlight.errors import FDLightError
 from fdlight.models.pretrained import build_from_pretrained
 from fdlight.models.students import build_student, student_kwargs
-from fdlight.models.weights import export_timm
+from fdlight.models.exports import export_timm
 from fdlight.modules.classify import LARS, LinearProbe
 from fdlight.stages.linear import run
 

@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY, compose, run_cli, run_stage
 from fdlight.errors import FDLightError
-from fdlight.stages.common import build_strategy
+from fdlight.runs.trainer import build_strategy
 
 REPO = Path(__file__).resolve().parents[1]
 
