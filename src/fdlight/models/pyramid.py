@@ -89,7 +89,7 @@ class Backbone(nn.Module):
         return (len(self.model.blocks) if self.is_vit else sum(self.depths)) + 2
 
     def layer_id(self, name: str) -> int:
-        """Layer of a parameter named relative to this backbone's model (fd-method.md §2.4)."""
+        """Layer of a parameter named relative to this backbone's model (docs/method.md §2.4)."""
         if self.is_vit:
             if name.startswith(VIT_STEM):
                 return 0

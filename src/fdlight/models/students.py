@@ -52,7 +52,7 @@ def _on_meta(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def fd_vit_init(model: nn.Module, std: float = 0.02) -> None:
-    """The official FD ViT init (fd-method.md §1.2): Linear/Conv2d weights and the CLS token from a normal of std 0.02
+    """The official FD ViT init (docs/method.md §1.2): Linear/Conv2d weights and the CLS token from a normal of std 0.02
     truncated at +-1 std, zero biases, then each block's attn.proj and mlp.fc2 divided by sqrt(2 * block number).
     LayerNorms, layer scale and the (zero) relative position bias keep their values."""
     for m in model.modules():

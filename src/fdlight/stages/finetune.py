@@ -1,5 +1,5 @@
 """stage=finetune: image classification fine-tuning of a distilled student, a fine-tuned model or a teacher's own
-weights (the paper's baseline) with the recipe of fd-method.md §2. Writes `model.safetensors` (loadable in plain
+weights (the paper's baseline) with the recipe of docs/method.md §2. Writes `model.safetensors` (loadable in plain
 timm), `metrics.json` (val/top1, val/top5, img_per_s) and `checkpoints/last.ckpt`."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""stage=linear: linear probe on frozen features (fd-method.md §2.5): the backbone as fine-tuning builds it
+"""stage=linear: linear probe on frozen features (docs/method.md §2.5): the backbone as fine-tuning builds it
 (mean-pooled patch tokens through a fresh, identity fc_norm), drop path 0, frozen and in eval mode; a BatchNorm
 without affine then a Linear are the only trained parameters. Writes `head.safetensors`, `metrics.json` and the
 checkpoints."""
