@@ -8,7 +8,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.data.classification import ClassificationData
-from fdlight.data.folders import class_folder
+from fdlight.data.folders import check_root
 from fdlight.errors import check
 from fdlight.models.weights import check_readable_weights
 from fdlight.runs.template import Training, TrainingStage
@@ -36,13 +36,11 @@ class ClassificationStage(TrainingStage):
 
     def validate(self, cfg: DictConfig) -> None:
         """The data folders' layout (when given), then the weights file's container."""
-        d = cfg.data
-        if d.name != "synthetic" and not OmegaConf.is_missing(d, "root") and d.get("root"):
-            class_folder(d.root, "train")
-            class_folder(d.root, "val")
+        if cfg.data.name != "synthetic":
+            check_root(cfg.data, with_val=True)
         path = cfg[self.name].get("pretrained")
         if path:
-            check_readable_weights(Path(str(path)).expanduser(), f"{self.name}.pretrained")
+            check_readable_weights(Path(str(path)).expanduser(), "pretrained")
 
     def fit(self, trainer: L.Trainer, built: Training, resume: Path | None) -> dict:
         """Train, then make sure the reported metrics belong to the final weights (max_steps can stop mid-epoch)."""

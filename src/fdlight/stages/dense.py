@@ -45,7 +45,7 @@ class DenseStage(TrainingStage):
         check_drop_path(s.drop_path, f"{self.name}.drop_path")
         path = s.get("pretrained")
         if path:
-            path = check_readable_weights(Path(str(path)).expanduser(), f"{self.name}.pretrained")
+            path = check_readable_weights(Path(str(path)).expanduser(), "pretrained")
             if path.suffix == ".safetensors":
                 task = read_export_metadata(path).get("task")
                 check(task is None, f"{self.name}.pretrained={path} is a whole {task} model, not a backbone; pass "
