@@ -20,8 +20,8 @@ GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trai
 
 
 def group_choices(group: str) -> list[str]:
-    folder = resources.files("fdlight.conf").joinpath(group)
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    folder = resources.files("fdlight.conf").joinpath(group)  # a leading _ marks a base file, not a choice
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml") and not p.name.startswith("_"))
 
 
 def top_level_keys() -> set[str]:
