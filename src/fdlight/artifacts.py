@@ -81,8 +81,10 @@ def strict_json(value):
     return value
 
 
-def write_json(path: str | Path, value, indent: int = 2) -> Path:
-    return write_text(path, json.dumps(strict_json(value), indent=indent, sort_keys=True, allow_nan=False) + "\n")
+def write_json(path: str | Path, value, indent: int = 2, sort_keys: bool = True) -> Path:
+    """Strict JSON (NaN and infinities as null)."""
+    text = json.dumps(strict_json(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
+    return write_text(path, text + "\n")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
