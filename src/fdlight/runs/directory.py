@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fdlight.artifacts import write_text
+from fdlight.artifacts import disk_error, write_text
 from fdlight.errors import FDLightError, check
 
 log = logging.getLogger(__name__)
@@ -119,3 +120,21 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
         return
     if not (run_dir / "config.yaml").exists():
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail in one line when files cannot be created in the run directory, or in the folder it would be made in (a
+    read-only mount, no permission)."""
+    folder = Path(run_dir)
+    try:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    except OSError as e:
+        raise disk_error(folder, e, "the run directory ") from e
+    check(folder.is_dir(), f"cannot make the run directory {run_dir}: {folder} is a file; pass another hydra.run.dir=")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fdlight-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise disk_error(Path(run_dir), e, "the run directory ") from e
