@@ -152,8 +152,9 @@ def check_sweep_launch(cfg: DictConfig) -> None:
 
 def record_error(run_dir: Path, error: FDLightError) -> None:
     """After a user error: a run that never started (its directory holds only this job's log: no config.yaml, no
-    checkpoint) leaves no directory; otherwise the error and its traceback go to the run's log file, beside what the
-    run logged before."""
+    checkpoint) leaves no directory; a command refused before its run started (a resume with other settings) leaves
+    the directory it names as it was; otherwise the error and its traceback go to the run's log file, beside what
+    the run logged before."""
     own_log = run_dir / f"{HydraConfig.get().job.name}.log"
     if own_log.is_file() and [p.name for p in run_dir.iterdir()] == [own_log.name]:
         for handler in logging.getLogger().handlers:  # release the file before removing it
@@ -163,6 +164,8 @@ def record_error(run_dir: Path, error: FDLightError) -> None:
         own_log.unlink()
         with contextlib.suppress(OSError):
             run_dir.rmdir()  # only when empty: never anything but what Hydra made for this job
+        return
+    if not error.run_started:
         return
     record = logging.LogRecord("fdlight", logging.ERROR, __file__, 0, f"error: {error}", None,
                                (type(error), error, error.__traceback__))
@@ -224,6 +227,7 @@ def _app(cfg: DictConfig) -> float | None:
         if e.errno not in FULL_OR_READ_ONLY:
             raise
         error = disk_error(Path(e.filename) if e.filename else run_dir, e)
+        error.run_started = True
         fail(run_dir, error)
     return metrics.get("last_loss") if isinstance(metrics, dict) else None
 

@@ -21,6 +21,8 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "PMI_RANK",
 # Settings that change how a run computes but not what: a resume may change them freely.
 RESUME_FREE = ("resume", "resume_allow_changes", "data.num_workers", "logger", "hydra")
 RESUME_FREE_LEAVES = ("num_threads",)
+# A complete run resumed with a new budget (resume_allow_changes=true) trains on to it instead of being left as it is.
+BUDGET_LEAVES = ("max_steps", "epochs")
 
 
 def is_secondary_rank() -> bool:
@@ -82,6 +84,7 @@ def claim(cfg: DictConfig, run_dir: Path, checkpointed: bool = True) -> Claim:
             raise FDLightError(f"run directory {run_dir} already holds a run ({', '.join(used)}); pass resume=true to "
                                f"continue it, or choose another hydra.run.dir=")
         return Claim(run_dir)
+    keys: list[str] = []
     if (run_dir / "config.yaml").is_file():
         saved = OmegaConf.load(run_dir / "config.yaml")
         keys = changed_settings(cfg, saved)
@@ -91,7 +94,8 @@ def claim(cfg: DictConfig, run_dir: Path, checkpointed: bool = True) -> Claim:
                                f"resume_allow_changes=true to continue with the new ones")
         if keys:
             log.warning("resuming with changed settings: %s", describe_changes(keys, cfg, saved, limit=len(keys)))
-    if cfg.resume is True and (run_dir / "metrics.json").is_file():
+    budget = [k for k in keys if k.rsplit(".", 1)[-1] in BUDGET_LEAVES]
+    if cfg.resume is True and (run_dir / "metrics.json").is_file() and not (budget and checkpointed):
         return Claim(run_dir, finished=json.loads((run_dir / "metrics.json").read_text()))
     if not checkpointed:  # a stage of steps (the pipeline) resumes each step from its own directory
         return Claim(run_dir)
