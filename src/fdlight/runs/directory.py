@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,3 +143,12 @@ def check_writable(run_dir: Path) -> None:
         os.unlink(probe)
     except OSError as e:
         raise disk_error(Path(run_dir), e, "the run directory ") from e
+
+
+def discard_new(run_dir: Path, before: set[Path]) -> None:
+    """Remove what a run put in its directory besides `before` (what was there when it started: its log)."""
+    for path in set(run_dir.iterdir()) - before if run_dir.is_dir() else ():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

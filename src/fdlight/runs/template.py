@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from fdlight.artifacts import write_json
 from fdlight.errors import FDLightError
 from fdlight.runs.callbacks import Throughput
-from fdlight.runs.directory import Claim, claim, is_secondary_rank, save_config
+from fdlight.runs.directory import Claim, claim, discard_new, is_secondary_rank, save_config
 from fdlight.runs.gather import trained_state_dict
 from fdlight.runs.trainer import build_trainer, cpu_threads
 from fdlight.settings import check_sections
@@ -141,6 +141,7 @@ class TrainingStage(Stage):
     def execute(self, cfg: DictConfig, run_dir: Path, built: Training, claimed: Claim) -> dict:
         s = self.settings(cfg)
         meter = Throughput()
+        before = set(run_dir.iterdir()) if run_dir.is_dir() else set()  # the run's log
         trainer = build_trainer(cfg, s, run_dir, callbacks=[meter, *built.callbacks], validate=built.validate,
                                 wrap_classes=built.wrap_classes, checkpoint_every=s.get("checkpoint_every_n_steps"))
         save_config(cfg, run_dir)  # once the trainer is built: a trainer config that cannot run here leaves no run
@@ -150,6 +151,8 @@ class TrainingStage(Stage):
         try:
             val = self.fit(trainer, built, claimed.resume_from)
         except FDLightError as e:
+            if trainer.global_step == 0 and claimed.resume_from is None and trainer.is_global_zero:
+                discard_new(run_dir, before)  # bad input found by the first batch (data.strict): no run to keep
             raise worker_error(e) from None
         wall = time.perf_counter() - start
         module = built.module
