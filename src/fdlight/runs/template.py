@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,11 @@ class TrainingStage(Stage):
             artifacts = self.export(cfg, run_dir, built, state)
             self.finish(run_dir, metrics, [*artifacts, run_dir / "checkpoints" / "last.ckpt"])
         return metrics
+
+
+def percent(value) -> str:
+    """A fraction for a closing line: "42.00%", or "n/a" when it was not measured (a score of 0 is 0.00%)."""
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
 
 
 def num_params(model: nn.Module) -> int:
