@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fdlight.artifacts import write_text
+from fdlight.artifacts import disk_error, write_text
 from fdlight.errors import FDLightError, check
 
 log = logging.getLogger(__name__)
@@ -20,6 +22,8 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "PMI_RANK",
 # Settings that change how a run computes but not what: a resume may change them freely.
 RESUME_FREE = ("resume", "resume_allow_changes", "data.num_workers", "logger", "hydra")
 RESUME_FREE_LEAVES = ("num_threads",)
+# A complete run resumed with a new budget (resume_allow_changes=true) trains on to it instead of being left as it is.
+BUDGET_LEAVES = ("max_steps", "epochs")
 
 
 def is_secondary_rank() -> bool:
@@ -81,6 +85,7 @@ def claim(cfg: DictConfig, run_dir: Path, checkpointed: bool = True) -> Claim:
             raise FDLightError(f"run directory {run_dir} already holds a run ({', '.join(used)}); pass resume=true to "
                                f"continue it, or choose another hydra.run.dir=")
         return Claim(run_dir)
+    keys: list[str] = []
     if (run_dir / "config.yaml").is_file():
         saved = OmegaConf.load(run_dir / "config.yaml")
         keys = changed_settings(cfg, saved)
@@ -90,7 +95,8 @@ def claim(cfg: DictConfig, run_dir: Path, checkpointed: bool = True) -> Claim:
                                f"resume_allow_changes=true to continue with the new ones")
         if keys:
             log.warning("resuming with changed settings: %s", describe_changes(keys, cfg, saved, limit=len(keys)))
-    if cfg.resume is True and (run_dir / "metrics.json").is_file():
+    budget = [k for k in keys if k.rsplit(".", 1)[-1] in BUDGET_LEAVES]
+    if cfg.resume is True and (run_dir / "metrics.json").is_file() and not (budget and checkpointed):
         return Claim(run_dir, finished=json.loads((run_dir / "metrics.json").read_text()))
     if not checkpointed:  # a stage of steps (the pipeline) resumes each step from its own directory
         return Claim(run_dir)
@@ -119,3 +125,30 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
         return
     if not (run_dir / "config.yaml").exists():
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail in one line when files cannot be created in the run directory, or in the folder it would be made in (a
+    read-only mount, no permission)."""
+    folder = Path(run_dir)
+    try:
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+    except OSError as e:
+        raise disk_error(folder, e, "the run directory ") from e
+    check(folder.is_dir(), f"cannot make the run directory {run_dir}: {folder} is a file; pass another hydra.run.dir=")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".fdlight-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise disk_error(Path(run_dir), e, "the run directory ") from e
+
+
+def discard_new(run_dir: Path, before: set[Path]) -> None:
+    """Remove what a run put in its directory besides `before` (what was there when it started: its log)."""
+    for path in set(run_dir.iterdir()) - before if run_dir.is_dir() else ():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)

@@ -8,7 +8,9 @@ directory; the builders then trust their input. Claiming refuses to overwrite a 
 or ends at once when a resumed run is already complete. Every artifact is written atomically (fdlight.artifacts)."""
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from omegaconf import DictConfig
 from fdlight.artifacts import write_json
 from fdlight.errors import FDLightError
 from fdlight.runs.callbacks import Throughput
-from fdlight.runs.directory import Claim, claim, save_config
+from fdlight.runs.directory import Claim, claim, discard_new, is_secondary_rank, save_config
 from fdlight.runs.gather import trained_state_dict
 from fdlight.runs.trainer import build_trainer, cpu_threads
 from fdlight.settings import check_sections
@@ -36,6 +38,23 @@ def worker_error(e: FDLightError) -> FDLightError:
         return e
     last = [ln for ln in text.splitlines() if ln.strip()][-1]
     return FDLightError(last.split("FDLightError: ", 1)[-1])
+
+
+@contextlib.contextmanager
+def console_only():
+    """Log to the console but not to the run's log file (a resume that finds its run complete changes no file)."""
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+
+    def drop(record) -> bool:
+        return False
+
+    for h in handlers:
+        h.addFilter(drop)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(drop)
 
 
 class Stage:
@@ -71,13 +90,18 @@ class Stage:
             self.validate(cfg)
             claimed = claim(cfg, run_dir, self.checkpointed)
             if claimed.finished is not None:
-                log.info("run %s is complete (%s steps); nothing to do (files left as they are)", run_dir,
-                         claimed.finished.get("steps", "all"))
+                with console_only():
+                    log.info("run %s is complete (%s steps); nothing to do (files left as they are)", run_dir,
+                             claimed.finished.get("steps", "all"))
                 return claimed.finished
-            built = self.build(cfg)
-            if callbacks:
-                built.callbacks = [*built.callbacks, *callbacks]
-            metrics = self.execute(cfg, run_dir, built, claimed)
+            try:
+                built = self.build(cfg)
+                if callbacks:
+                    built.callbacks = [*built.callbacks, *callbacks]
+                metrics = self.execute(cfg, run_dir, built, claimed)
+            except FDLightError as e:
+                e.run_started = True
+                raise
         return metrics
 
     def finish(self, run_dir: Path, metrics: dict, artifacts: list[Path]) -> None:
@@ -121,13 +145,18 @@ class TrainingStage(Stage):
     def execute(self, cfg: DictConfig, run_dir: Path, built: Training, claimed: Claim) -> dict:
         s = self.settings(cfg)
         meter = Throughput()
+        before = set(run_dir.iterdir()) if run_dir.is_dir() else set()  # the run's log
         trainer = build_trainer(cfg, s, run_dir, callbacks=[meter, *built.callbacks], validate=built.validate,
                                 wrap_classes=built.wrap_classes, checkpoint_every=s.get("checkpoint_every_n_steps"))
         save_config(cfg, run_dir)  # once the trainer is built: a trainer config that cannot run here leaves no run
+        if claimed.resume_from is not None and not is_secondary_rank():
+            (run_dir / "metrics.json").unlink(missing_ok=True)  # a complete run trained on is complete no longer
         start = time.perf_counter()
         try:
             val = self.fit(trainer, built, claimed.resume_from)
         except FDLightError as e:
+            if trainer.global_step == 0 and claimed.resume_from is None and trainer.is_global_zero:
+                discard_new(run_dir, before)  # bad input found by the first batch (data.strict): no run to keep
             raise worker_error(e) from None
         wall = time.perf_counter() - start
         module = built.module
@@ -139,6 +168,11 @@ class TrainingStage(Stage):
             artifacts = self.export(cfg, run_dir, built, state)
             self.finish(run_dir, metrics, [*artifacts, run_dir / "checkpoints" / "last.ckpt"])
         return metrics
+
+
+def percent(value) -> str:
+    """A fraction for a closing line: "42.00%", or "n/a" when it was not measured (a score of 0 is 0.00%)."""
+    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
 
 
 def num_params(model: nn.Module) -> int:
