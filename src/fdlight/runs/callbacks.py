@@ -54,7 +54,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def __init__(self, dirpath: Path, every_n_train_steps: int | None):
         super().__init__(dirpath=str(dirpath), save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
-                         save_on_train_epoch_end=True)
+                         save_on_train_epoch_end=True, enable_version_counter=False)  # one last.ckpt, never last-v1
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last_global_step_saved != trainer.global_step or not self._last_checkpoint_saved:

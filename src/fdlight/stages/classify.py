@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from fdlight.data.classification import ClassificationData
 from fdlight.data.folders import check_root
 from fdlight.errors import check
-from fdlight.models.weights import check_readable_weights
+from fdlight.models.weights import check_readable_weights, check_weights_file
 from fdlight.runs.template import Training, TrainingStage, percent
 
 
@@ -41,7 +41,8 @@ class ClassificationStage(TrainingStage):
             check_root(cfg.data, with_val=True)
         path = cfg[self.name].get("pretrained")
         if path:
-            check_readable_weights(Path(str(path)).expanduser(), "pretrained")
+            path = check_weights_file(Path(str(path)).expanduser(), "pretrained")  # the message users know
+            check_readable_weights(path, f"{self.name}.pretrained")
 
     def fit(self, trainer: L.Trainer, built: Training, resume: Path | None) -> dict:
         """Train, then make sure the reported metrics belong to the final weights (max_steps can stop mid-epoch)."""

@@ -12,7 +12,7 @@ from fdlight.errors import check
 from fdlight.models.exports import save_task_model
 from fdlight.models.pretrained import Architecture, build_from_pretrained, downstream_kwargs
 from fdlight.models.students import check_drop_path, student_kwargs
-from fdlight.models.weights import check_readable_weights, read_export_metadata
+from fdlight.models.weights import check_readable_weights, check_weights_file, read_export_metadata
 from fdlight.runs.template import Training, TrainingStage
 
 OPTIM_KEYS = ("lr", "warmup_lr", "min_lr", "warmup_steps", "schedule", "power", "layer_decay", "weight_decay",
@@ -45,7 +45,8 @@ class DenseStage(TrainingStage):
         check_drop_path(s.drop_path, f"{self.name}.drop_path")
         path = s.get("pretrained")
         if path:
-            path = check_readable_weights(Path(str(path)).expanduser(), "pretrained")
+            path = check_weights_file(Path(str(path)).expanduser(), "pretrained")  # the message users know
+            check_readable_weights(path, f"{self.name}.pretrained")
             if path.suffix == ".safetensors":
                 task = read_export_metadata(path).get("task")
                 check(task is None, f"{self.name}.pretrained={path} is a whole {task} model, not a backbone; pass "
