@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch.nn as nn
 from omegaconf import DictConfig
 
 from fdlight.artifacts import write_json
@@ -173,7 +172,3 @@ class TrainingStage(Stage):
 def percent(value) -> str:
     """A fraction for a closing line: "42.00%", or "n/a" when it was not measured (a score of 0 is 0.00%)."""
     return "n/a" if value is None or math.isnan(value) else f"{100 * value:.2f}%"
-
-
-def num_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
