@@ -8,11 +8,12 @@ import time
 
 import torch
 
+from fdlight.constants import IGNORE
 from fdlight.errors import check
 from fdlight.models.attention import set_attention
 from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.pyramid import Backbone
-from fdlight.models.upernet import IGNORE, UPerNet, segmentation_loss
+from fdlight.models.upernet import UPerNet, segmentation_loss
 
 
 def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768, warmup: int = 5,

@@ -16,7 +16,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
 from fdlight.models.pyramid import DetectionBackbone
 from fdlight.modules.guards import check_finite

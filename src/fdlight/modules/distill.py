@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError, check
 from fdlight.models.layout import TokenLayout, check_grids
 from fdlight.models.teachers import Teacher
