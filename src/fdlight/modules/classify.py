@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from fdlight.errors import FDLightError, check
 from fdlight.layer_decay import layer_ids
 from fdlight.modules.guards import check_finite, clip_gradients
-from fdlight.optim import WarmupCosine, adamw_with_schedule, original_ndims, param_groups, scaled_lr
+from fdlight.optim import WarmupSchedule, adamw_with_schedule, original_ndims, param_groups, scaled_lr
 
 VIT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token")
 SWIN_NO_DECAY = ("absolute_pos_embed", "cpb_mlp", "logit_scale", "relative_position_bias_table")
@@ -236,6 +236,6 @@ class LinearProbe(Classifier):
         else:
             raise FDLightError(f"linear.optimizer={o['optimizer']!r} is not known; use lars or sgd")
         warmup, total = self.schedule_steps()
-        curve = WarmupCosine(lr, 0.0, scaled_lr(o.get("min_lr", 0.0), self.total_batch()), warmup, total)
+        curve = WarmupSchedule(lr, 0.0, scaled_lr(o.get("min_lr", 0.0), self.total_batch()), warmup, total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, curve)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -18,24 +18,6 @@ from fdlight.optim import adamw_with_schedule, original_ndims, param_groups
 
 
 # --------------------------------------------------------------------------------------------------- optimizer
-class WarmupPoly:
-    """lr(step) / peak: linear warmup from `start` to `peak`, then (peak - end) * (1 - t)^power + end (mmseg PolyLR)."""
-
-    def __init__(self, peak: float, start: float, end: float, warmup_steps: int, total_steps: int,
-                 power: float = 1.0):
-        self.peak, self.start, self.end, self.power = peak, start, end, power
-        self.warmup_steps, self.total_steps = int(warmup_steps), max(int(total_steps), 1)
-
-    def lr(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.start + (self.peak - self.start) * step / self.warmup_steps
-        t = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
-        return (self.peak - self.end) * (1.0 - t) ** self.power + self.end
-
-    def __call__(self, step: int) -> float:
-        return self.lr(step) / self.peak if self.peak else 0.0
-
-
 def dense_optimizer(named, optim: dict, layer_of, num_layers: int, total_steps: int, fused: bool = False,
                     ndims: dict | None = None):
     """AdamW over layer-decayed groups (scale applied once) with a per-step warmup + poly or cosine schedule."""
@@ -44,13 +26,8 @@ def dense_optimizer(named, optim: dict, layer_of, num_layers: int, total_steps: 
                           num_layers=num_layers, layer_decay=o["layer_decay"], ndims=ndims)
     warmup = min(int(o["warmup_steps"]), max(total_steps - 1, 0))
     opt, sched = adamw_with_schedule(groups, o["lr"], o["warmup_lr"], o["min_lr"], warmup, total_steps,
-                                     o.get("betas", (0.9, 0.999)), fused=fused)
-    if o["schedule"] == "poly":
-        curves = [WarmupPoly(g["initial_lr"], o["warmup_lr"], o["min_lr"], warmup, total_steps, o.get("power", 1.0))
-                  for g in opt.param_groups]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, curves)
-    elif o["schedule"] != "cosine":
-        raise FDLightError(f"unknown schedule {o['schedule']!r}; use poly or cosine")
+                                     o.get("betas", (0.9, 0.999)), fused=fused, decay=o["schedule"],
+                                     power=o.get("power", 1.0))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
