@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from fdlight.errors import FDLightError, check
+from fdlight.models.factory import create_model
 from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
 from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.weights import (ADAPTERS, WEIGHT_SUFFIXES, classifier_prefixes, go_offline, is_torchscript,
@@ -88,10 +89,10 @@ def build_timm_teacher(cfg: DictConfig, drop_path: float = 0.0) -> nn.Module:
         if not network_available():
             go_offline()
         try:
-            return timm.create_model(cfg.model, pretrained=True, **kwargs)
+            return create_model(cfg.model, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - offline, not cached, or a hub error
             raise hub_error(cfg.name, hub_id, f"{type(e).__name__}") from e
-    model = timm.create_model(cfg.model, pretrained=False, **kwargs)
+    model = create_model(cfg.model, pretrained=False, **kwargs)
     if weights:
         load_timm_file(model, str(weights), cfg.adapter, f"teacher {cfg.name!r} ({cfg.model})")
     return model
