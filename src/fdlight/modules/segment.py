@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
@@ -13,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from fdlight.constants import IGNORE
 from fdlight.errors import FDLightError
 from fdlight.models.upernet import UPerNet, segmentation_loss
-from fdlight.modules.guards import check_finite, clip_gradients
+from fdlight.modules.base import TrainingModule
 from fdlight.optim import adamw_with_schedule, original_ndims, param_groups
 
 
@@ -32,15 +31,15 @@ def dense_optimizer(named, optim: dict, layer_of, num_layers: int, total_steps: 
 
 
 # ------------------------------------------------------------------------------------------------------ module
-class DenseTask(L.LightningModule):
+class DenseTask(TrainingModule):
     """What the dense modules share: layer-decayed AdamW over `model.<backbone_path>`'s layers (necks and heads at
-    scale 1), its per-step schedule, and clipping."""
+    scale 1) and its per-step schedule."""
 
     backbone_path = "backbone"
 
     def __init__(self, model: torch.nn.Module, optim: dict):
-        super().__init__()
-        self.model, self.optim_cfg = model, dict(optim)
+        super().__init__(optim)
+        self.model = model
         self.param_ndims = original_ndims(model)  # before any FSDP wrapping flattens them
 
     def optimizer(self, total_steps: int) -> dict:
@@ -56,9 +55,6 @@ class DenseTask(L.LightningModule):
     def configure_optimizers(self):
         return self.optimizer(int(self.trainer.estimated_stepping_batches))
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))
-
 
 class SemanticSegmentation(DenseTask):
     def __init__(self, model: UPerNet, optim: dict, eval_mode: str = "slide", eval_stride: int | None = None,
@@ -72,7 +68,6 @@ class SemanticSegmentation(DenseTask):
         k = model.num_classes
         self.miou = MulticlassJaccardIndex(k, ignore_index=IGNORE, average="macro")
         self.acc = MulticlassAccuracy(k, ignore_index=IGNORE, average="micro")
-        self.first_loss = self.last_loss = None
         self.val_results: dict = {}
         self.val_step = -1
         self.compile_model = compile_model
@@ -99,11 +94,7 @@ class SemanticSegmentation(DenseTask):
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         loss = segmentation_loss(self.train_forward(x), y, self.aux_weight)
-        value = check_finite(loss, self, "segmentation", "lower segment.base_lr or check the data")
-        self.first_loss = value if self.first_loss is None else self.first_loss
-        self.last_loss = value
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+        self.record_loss(loss, "segmentation", "lower segment.base_lr or check the data")
         return loss
 
     # ---------------------------------------------------------------------------------------------- inference
