@@ -131,7 +131,7 @@ class FineTune(Classifier):
         o = self.optim_cfg
         named = list(self.model.named_parameters())
         decay = float(o.get("layer_decay", 1.0))
-        layer_of, num_layers = layer_ids(self.model) if decay != 1.0 else (None, 1)
+        layer_of, num_layers = layer_ids(self.model, f"{self.stage_key}.layer_decay") if decay != 1.0 else (None, 1)
         groups = param_groups(named, o["weight_decay"], no_decay_keywords(self.model), layer_of=layer_of,
                               num_layers=num_layers, layer_decay=decay, ndims=self.param_ndims)
         warmup, total = self.schedule_steps()

@@ -101,7 +101,7 @@ class InstanceSegmentation(DenseTask):
         targets = [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets]
         losses = self.model(list(images), targets)
         loss = sum(losses.values())
-        self.record_loss(loss, "detection", "lower detect.base_lr or check the data")
+        self.record_loss(loss, "detection", "lower detect.lr or check the data")
         for k, v in losses.items():
             self.log(f"train/{k}", v.detach())
         return loss

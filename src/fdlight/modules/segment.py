@@ -94,7 +94,7 @@ class SemanticSegmentation(DenseTask):
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         loss = segmentation_loss(self.train_forward(x), y, self.aux_weight)
-        self.record_loss(loss, "segmentation", "lower segment.base_lr or check the data")
+        self.record_loss(loss, "segmentation", "lower segment.lr or check the data")
         return loss
 
     # ---------------------------------------------------------------------------------------------- inference
