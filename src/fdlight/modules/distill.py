@@ -6,12 +6,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from timm.layers import DropPath
 
 from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError, check
+from fdlight.models.attention import set_attention
+from fdlight.models.drop_path import set_drop_path_mode
 from fdlight.models.layout import TokenLayout, check_grids
-from fdlight.models.teachers import Teacher
+from fdlight.models.students import build_student, check_drop_path, student_layout
+from fdlight.models.teachers import Teacher, build_teacher
 from fdlight.modules.base import TrainingModule
 from fdlight.optim import adamw_with_schedule, original_ndims, param_groups, scaled_lr
 
@@ -36,10 +40,12 @@ def student_tokens(student: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureDistillation(TrainingModule):
+    """`compile_loss` runs the loss (student forward, teacher target, smooth-L1) through torch.compile."""
+
     def __init__(self, student: nn.Module, student_layout: TokenLayout, teacher: Teacher, optim: dict,
                  whitening: str = "fd_ln", whitening_eps: float = 1e-5, loss_beta: float = 2.0,
                  include_prefix_tokens: bool = True, teacher_resize: str = "bilinear",
-                 no_decay_keywords=(), teacher_drop_path: bool = False):
+                 no_decay_keywords=(), teacher_drop_path: bool = False, compile_loss: bool = False):
         super().__init__(optim)
         check_grids(student_layout, teacher.layout)
         check(whitening != "fd_ln" or whitening_eps > 0,
@@ -59,7 +65,29 @@ class FeatureDistillation(TrainingModule):
         mean_in, std_in = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self.register_buffer("renorm_scale", (std_in / teacher.std.cpu()), persistent=False)
         self.register_buffer("renorm_shift", ((mean_in - teacher.mean.cpu()) / teacher.std.cpu()), persistent=False)
-        self.distill_loss = self._distill_loss
+        self.distill_loss = torch.compile(self._distill_loss) if compile_loss else self._distill_loss
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, student: nn.Module | None = None, train: bool = True,
+                    compile: bool = False) -> "FeatureDistillation":
+        """The module of a composed config (or a distillation run's config.yaml). `student`: a model already built
+        (and loaded) instead of a fresh one with the config's drop path, drop-path mode and attention kernel.
+        `train=False` evaluates a fixed student: no optimizer settings and no teacher drop path."""
+        dp_teacher = check_drop_path(cfg.drop_path.teacher, "drop_path.teacher") if train else 0.0
+        teacher = build_teacher(cfg.teacher, drop_path=dp_teacher, seed=int(cfg.get("seed", 0)))
+        if student is None:
+            student = build_student(cfg.student, drop_path=cfg.drop_path.student)
+            set_drop_path_mode(student, cfg.drop_path.mode)
+            set_attention(student, cfg.trainer.attention)
+        d = cfg.distill
+        optim = dict(batch_size=d.batch_size, base_lr=d.base_lr, warmup_lr=d.warmup_lr, min_lr=d.min_lr,
+                     warmup_epochs=d.warmup_epochs, epochs=d.epochs, weight_decay=d.weight_decay,
+                     betas=list(d.betas), clip_grad=d.clip_grad) if train else {}
+        return cls(student, student_layout(cfg.student, student), teacher, optim, whitening=cfg.whitening.name,
+                   whitening_eps=cfg.whitening.eps, loss_beta=d.loss_beta,
+                   include_prefix_tokens=d.include_prefix_tokens, teacher_resize=d.teacher_resize,
+                   no_decay_keywords=cfg.student.no_decay_keywords, teacher_drop_path=dp_teacher > 0,
+                   compile_loss=compile)
 
     # ------------------------------------------------------------------------------------------------- the step
     def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
