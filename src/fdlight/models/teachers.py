@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from fdlight.errors import FDLightError, check
 from fdlight.models.factory import create_model
-from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
+from fdlight.models.layout import TokenLayout, checked_layout, timm_layout, timm_tokens
 from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.weights import (ADAPTERS, WEIGHT_SUFFIXES, classifier_prefixes, go_offline, is_torchscript,
                                     load_timm_state_dict, network_available, read_state_dict, summarize_load_error)
@@ -40,11 +40,6 @@ class Teacher(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._tokens(self.model, x)
-
-
-def timm_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model.forward_features(x)
-    return out.flatten(1, 2) if out.ndim == 4 else out  # Swin returns NHWC
 
 
 def open_clip_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError, check
 from fdlight.models.attention import set_attention
 from fdlight.models.drop_path import set_drop_path_mode
-from fdlight.models.layout import TokenLayout, check_grids
+from fdlight.models.layout import TokenLayout, check_grids, timm_tokens
 from fdlight.models.students import build_student, check_drop_path, student_layout
 from fdlight.models.teachers import Teacher, build_teacher
 from fdlight.modules.base import TrainingModule
@@ -32,11 +32,6 @@ def whiten(target: torch.Tensor, method: str, eps: float = 1e-5) -> torch.Tensor
 def fd_loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 2.0) -> torch.Tensor:
     """Smooth-L1 with beta (2.0 in FD), mean over every batch x token x channel entry, in fp32."""
     return F.smooth_l1_loss(pred.float(), target.float(), beta=beta)
-
-
-def student_tokens(student: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = student.forward_features(x)
-    return out.flatten(1, 2) if out.ndim == 4 else out  # Swin: NHWC -> (B, HW, C)
 
 
 class FeatureDistillation(TrainingModule):
@@ -106,7 +101,7 @@ class FeatureDistillation(TrainingModule):
         return whiten(t, self.whitening, self.whitening_eps)
 
     def prediction(self, x: torch.Tensor) -> torch.Tensor:
-        z = student_tokens(self.student, x)
+        z = timm_tokens(self.student, x)
         if not self.prefix_in_loss:
             z = z[:, self.student_layout.prefix_tokens:]
         return self.projector(z)
