@@ -24,8 +24,8 @@ gpu-bench:
 	-$(PYTHON) -m fdlight.bench --compile
 	-$(PYTHON) -m fdlight.bench --compile trainer.attention=triton
 	-$(PYTHON) -m fdlight.bench --compile trainer.attention=triton drop_path.mode=subset
-	-$(PYTHON) -m fdlight.models.upernet_gpu_check --compile
-	-$(PYTHON) -m fdlight.models.upernet_gpu_check --compile --attention triton
+	-$(PYTHON) -m fdlight.bench.segment --compile
+	-$(PYTHON) -m fdlight.bench.segment --compile --attention triton
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache

@@ -5,7 +5,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import compose
-from fdlight.bench import kernel_kind, main
+from fdlight.bench.distill import main
+from fdlight.bench.timing import kernel_kind
 from fdlight.models.students import build_student
 
 

@@ -1,13 +1,12 @@
 """Every config group composes into a fully resolved config."""
 from __future__ import annotations
 
-from importlib import resources
-
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose
-from fdlight.stages import check_counts
+from fdlight.config import group_choices
+from fdlight.settings import check_sections
 
 GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger")
 NEEDS = {  # choices that need a value from the user to be complete
@@ -19,17 +18,12 @@ NEEDS = {  # choices that need a value from the user to be complete
 }
 
 
-def choices(group):
-    folder = resources.files("fdlight.conf").joinpath(group)
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-@pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
+@pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in group_choices(g)])
 def test_every_group_choice_composes_and_resolves(group, choice):
     cfg = compose([f"{group}={choice}", *NEEDS.get((group, choice), [])])
     resolved = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert resolved[group] if group != "stage" else resolved["stage"] == choice
-    check_counts(cfg)
+    check_sections(cfg)
 
 
 def test_default_is_the_embedded_distillation():

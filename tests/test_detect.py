@@ -144,7 +144,8 @@ def test_a_segmentation_model_is_not_a_detection_backbone(tmp_path):
 def test_recipes_build_at_their_full_size(experiment):
     """Each recipe composes and its model builds (on the meta device: shapes only) with the expected levels."""
     from fdlight.stages.detect import detector
-    from fdlight.stages.segment import backbone_model, build_segmentation
+    from fdlight.stages.dense import backbone_model
+    from fdlight.stages.segment import build_segmentation
 
     cfg = compose([f"experiment={experiment}", "data.root=/nowhere"])
     with torch.device("meta"):

@@ -18,7 +18,8 @@ from fdlight.data.synthetic import SyntheticClassification
 from fdlight.data.transforms import eval_transform
 from fdlight.diagnostics.loading import load_subject
 from fdlight.errors import FDLightError
-from fdlight.models.weights import export_timm, read_state_dict
+from fdlight.models.exports import export_timm
+from fdlight.models.weights import read_state_dict
 from fdlight.stages import run
 from fdlight.stages.diagnose import diagnose_checkpoint, diagnose_subject, summarize
 from fdlight.stages.distill import build_distillation

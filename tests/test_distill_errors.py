@@ -174,14 +174,14 @@ def test_folder_data_without_a_root_says_which_option_to_set(tmp_path):
 
 
 def test_other_ranks_join_rank_zeros_run_directory(tmp_path, monkeypatch):
-    from fdlight.stages.common import check_run_dir, save_config
+    from fdlight.runs.directory import claim, save_config
     cfg = compose([])
     save_config(cfg, tmp_path)
     with pytest.raises(FDLightError, match="already holds a run"):
-        check_run_dir(cfg, tmp_path)  # rank 0 of a second launch
+        claim(cfg, tmp_path)  # rank 0 of a second launch
     monkeypatch.setenv("SLURM_PROCID", "3")  # srun/submitit ranks carry no LOCAL_RANK before Lightning starts
     before = (tmp_path / "config.yaml").read_text()
-    assert check_run_dir(cfg, tmp_path) is None
+    assert claim(cfg, tmp_path).resume_from is None
     save_config(compose(["seed=7"]), tmp_path)
     assert (tmp_path / "config.yaml").read_text() == before
 

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY, compose, run_cli, run_stage
 from fdlight.models.weights import read_export_metadata
-from fdlight.stages.common import build_trainer
+from fdlight.runs.trainer import build_trainer
 from fdlight.stages.distill import build_distillation
 from fdlight.data.classification import ClassificationData
 from fdlight.data.transforms import fd_train_transform

@@ -1,4 +1,4 @@
-"""Every experiment composes; the paper's twelve recipes carry the hyper-parameters of fd-method.md §1.9 and §2.3
+"""Every experiment composes; the paper's twelve recipes carry the hyper-parameters of docs/method.md §1.9 and §2.3
 (values typed from those tables, lr scaling checked against the 2048-image numbers); a recipe with a data root that
 does not exist fails with a clear error."""
 from __future__ import annotations
@@ -9,12 +9,13 @@ import pytest
 
 from conftest import compose, run_cli
 from fdlight.errors import FDLightError
-from fdlight.stages import check_counts, run
+from fdlight.settings import check_sections
+from fdlight.stages import run
 
 EXPERIMENTS = sorted(p.name[:-5] for p in resources.files("fdlight.conf").joinpath("experiment").iterdir()
                      if p.name.endswith(".yaml"))
 
-# fd-method.md §1.9: teacher, student, epochs, base lr /512, peak at the total batch, warmup lr and min lr at the
+# docs/method.md §1.9: teacher, student, epochs, base lr /512, peak at the total batch, warmup lr and min lr at the
 # total batch, student drop path, RandomResizedCrop min scale.
 PRETRAIN = {
     "fd_pretrain__clip_vit_base__img224__300ep": ("clip_vitb", "vit_b16", 300, 3e-4, 1.2e-3, 2e-6, 2e-5, 0.2, 0.08),
@@ -25,7 +26,7 @@ PRETRAIN = {
     "fd_pretrain__esvit_swin_base__img224__300ep": ("esvit_swinb", "swinv2_b", 300, 2e-4, 8e-4, 4e-6, 4e-5, 0.3, 0.08),
 }
 
-# fd-method.md §2.3: teacher (baseline architecture), epochs, warmup epochs, base lr /512, total batch, peak lr,
+# docs/method.md §2.3: teacher (baseline architecture), epochs, warmup epochs, base lr /512, total batch, peak lr,
 # warmup lr = min lr /512, layer decay, drop path.
 FINETUNE = {
     "fd_finetune__clip_vit_base__img224__300ep": ("clip_vitb", 100, 20, 1.25e-3, 2048, 5e-3, 2.5e-7, 0.6, 0.3),
@@ -42,7 +43,7 @@ def test_every_experiment_composes_to_a_known_stage(name):
     cfg = compose([f"experiment={name}"])
     assert cfg.stage in ("distill", "finetune", "linear", "diagnose", "segment", "detect", "pipeline")
     assert cfg.get(cfg.stage) is not None  # the stage's own block is there
-    check_counts(cfg)  # its batch sizes, epochs and step counts are in range
+    check_sections(cfg)  # its batch sizes, epochs and step counts are in range
 
 
 def test_the_twelve_official_recipes_are_all_there():

@@ -17,7 +17,8 @@ from fdlight.data.synthetic import SyntheticClassification, make_scene
 from fdlight.data.transforms import eval_transform
 from fdlight.errors import FDLightError
 from fdlight.models.students import build_student, student_kwargs
-from fdlight.models.weights import export_timm, read_export_metadata
+from fdlight.models.exports import export_timm
+from fdlight.models.weights import read_export_metadata
 from fdlight.modules.classify import FineTune
 from fdlight.stages.finetune import build_classifier
 

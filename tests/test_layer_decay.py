@@ -14,7 +14,7 @@ from fdlight.errors import FDLightError
 from fdlight.layer_decay import layer_ids
 from fdlight.models.pretrained import Architecture, build_from_pretrained
 from fdlight.models.students import build_student, student_kwargs
-from fdlight.models.weights import export_timm
+from fdlight.models.exports import export_timm
 from fdlight.stages.finetune import run
 
 

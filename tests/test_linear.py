@@ -14,7 +14,7 @@ from conftest import TINY, compose, run_stage
 from fdlight.errors import FDLightError
 from fdlight.models.pretrained import build_from_pretrained
 from fdlight.models.students import build_student, student_kwargs
-from fdlight.models.weights import export_timm
+from fdlight.models.exports import export_timm
 from fdlight.modules.classify import LARS, LinearProbe
 from fdlight.stages.linear import run
 
@@ -47,7 +47,7 @@ def test_probe_trains_the_head_only_with_a_frozen_eval_mode_backbone(student_fil
                    "data.num_val=64", "linear.batch_size=32", "linear.epochs=2"])
     metrics = run(cfg, tmp_path / "run", callbacks=[watch])
     assert len(watch.training_flags) == 8 and not any(watch.training_flags)
-    assert not any(watch.drop_paths)  # drop path 0 (the official probe left it on, fd-method.md §7.12)
+    assert not any(watch.drop_paths)  # drop path 0 (the official probe left it on, docs/method.md §7.12)
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     state = ckpt["state_dict"]
     reference, _ = build_from_pretrained(student_file, num_classes=0, drop_path=0.0)

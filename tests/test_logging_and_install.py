@@ -11,7 +11,7 @@ import torch
 
 from conftest import TINY, compose, run_cli, run_stage
 from fdlight.errors import FDLightError
-from fdlight.stages.common import build_strategy
+from fdlight.runs.trainer import build_strategy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,11 +32,13 @@ def test_fsdp_preset_without_gpu_says_what_to_use():
 
 def test_wheel_carries_the_configs_and_runs_from_a_plain_install(tmp_path):
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
-                    str(wheel_dir), str(REPO)], check=True, capture_output=True)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w",
+                            str(wheel_dir), str(REPO)], check=True, capture_output=True, text=True)
+    assert "absent from the `packages` configuration" not in build.stdout + build.stderr  # a conf folder unlisted
     wheel = next(wheel_dir.glob("fdlight-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "fdlight/conf/config.yaml" in names and "fdlight/conf/teacher/clip_vitl.yaml" in names
+    configs = {f"fdlight/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")}
+    assert "fdlight/conf/teacher/clip_vitl.yaml" in configs and configs <= set(names)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}

@@ -18,10 +18,13 @@ from fdlight.errors import FDLightError
 from fdlight.models.pyramid import Backbone, BeitPyramid, default_indices
 from fdlight.models.students import build_student, student_kwargs
 from fdlight.models.upernet import UPerNet, resize_bilinear
-from fdlight.models.weights import export_timm
+from fdlight.models.exports import export_timm
 from fdlight.modules.segment import SemanticSegmentation
 from fdlight.optim import WarmupSchedule
-from fdlight.stages.segment import backbone_model, bench, build_segmentation, load_segmenter, segmentation_miou
+from fdlight.bench.segment import bench
+from fdlight.models.exports import load_segmenter
+from fdlight.stages.dense import backbone_model
+from fdlight.stages.segment import build_segmentation, segmentation_miou
 from test_dense_data import write_ade20k
 
 STEP = ["stage=segment", "segment.max_steps=1", "segment.epochs=1", "segment.batch_size=2", "segment.num_vis=2"]
@@ -312,7 +315,7 @@ def test_world_size_reads_devices_as_lightning_does():
     """It decides SyncBatchNorm before the trainer exists: counts, id lists and nodes all count processes."""
     from omegaconf import OmegaConf
 
-    from fdlight.stages.segment import world_size
+    from fdlight.runs.trainer import world_size
 
     def size(devices, nodes=1, accelerator="cpu"):
         return world_size(OmegaConf.create({"devices": devices, "num_nodes": nodes, "accelerator": accelerator}))

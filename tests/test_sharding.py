@@ -14,7 +14,7 @@ import torch.nn as nn
 from conftest import TINY, compose, run_cli
 from fdlight.models.students import block_classes, build_student
 from fdlight.optim import original_ndims, param_groups
-from fdlight.stages.common import full_state_dict
+from fdlight.runs.gather import full_state_dict
 
 
 class Pair(nn.Module):

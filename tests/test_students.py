@@ -1,5 +1,5 @@
-"""The students have the FD shape: shared relative position bias, no absolute position embedding, layer scale 0.1;
-timm builds the same students by their registered names."""
+"""The students have the FD shape (shared relative position bias, no absolute position embedding, layer scale 0.1)
+and the official FD init; timm builds the same students by their registered names."""
 from __future__ import annotations
 
 import math
@@ -11,9 +11,9 @@ import torch
 import fdlight.models.registry  # noqa: F401 - registers the fd_vit_* names with timm
 from conftest import compose
 from fdlight.errors import FDLightError
+from fdlight.models.exports import export_timm
 from fdlight.models.patch_embed import PatchConv2d
-from fdlight.models.students import block_classes, build_student, student_layout
-from fdlight.models.weights import export_timm
+from fdlight.models.students import block_classes, build_student, fd_init, student_layout
 
 
 def test_vit_b16_student_has_the_fd_shape():
@@ -35,7 +35,7 @@ def test_fd_init_truncates_at_one_sigma_and_rescales_by_depth():
     s = build_student(compose(["student=vit_b16"]).student)
     w = s.blocks[0].mlp.fc1.weight
     assert w.abs().max() <= 0.02 + 1e-7
-    assert abs(w.std().item() - 0.0108) < 0.001  # std of N(0, 0.02) cut at +-1 sigma is ~0.54 * 0.02
+    assert abs(w.std().item() / 0.010792 - 1) < 0.005  # std of N(0, 0.02) cut at +-1 sigma is 0.5396 * 0.02
     fc2 = [b.mlp.fc2.weight.abs().max().item() for b in s.blocks]
     assert fc2[0] <= 0.02 / math.sqrt(2) + 1e-7 and fc2[11] <= 0.02 / math.sqrt(24) + 1e-7
 
@@ -59,6 +59,7 @@ def test_swinv2_b_student_ends_on_7x7_tokens():
 
 def test_swinv2_g_student_has_the_3b_shape_on_meta():
     cfg = compose(["student=swinv2_g"]).student
+    assert cfg.init == "fd"
     with torch.device("meta"):
         s = build_student(cfg)
     n = sum(p.numel() for p in s.parameters())
@@ -71,6 +72,57 @@ def test_swinv2_g_student_has_the_3b_shape_on_meta():
 def test_drop_path_outside_unit_interval_is_refused(rate):
     with pytest.raises(FDLightError, match=rf"drop_path.student={rate} is outside \[0, 1\)"):
         build_student(compose(["student=tiny"]).student, drop_path=rate)
+
+
+# A small SwinV2 through the real config: 2 stages of 2 blocks, widths 32 and 64, window 4 at 32 px.
+TINY_SWIN = ["student=swinv2_b", "student.img_size=32", "student.kwargs.window_size=4", "+student.kwargs.embed_dim=32",
+             "+student.kwargs.depths=[2,2]", "+student.kwargs.num_heads=[2,4]"]
+
+
+def tiny_swin(*overrides):
+    torch.manual_seed(0)
+    return build_student(compose([*TINY_SWIN, *overrides]).student)
+
+
+def rel_std(w: torch.Tensor, std: float) -> float:
+    return w.double().pow(2).mean().sqrt().item() / std - 1.0  # zero-mean draws: the RMS estimates the std
+
+
+def test_swinv2_fd_init_follows_the_official_formula():
+    s = tiny_swin()
+    assert compose(TINY_SWIN).student.init == "fd"  # the default of the SwinV2 configs
+    blocks = [b for stage in s.layers for b in stage.blocks]
+    assert len(blocks) == 4
+    rescaled = {id(b.attn.proj.weight) for b in blocks} | {id(b.mlp.fc2.weight) for b in blocks}
+    layers = [m for m in s.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    plain = torch.cat([m.weight.flatten() for m in layers if id(m.weight) not in rescaled])
+    assert plain.numel() > 80_000
+    assert abs(rel_std(plain, 0.02)) < 0.02  # std 0.02: the +-2 cut-off is 100 std away
+    assert 3 * 0.02 < plain.abs().max() <= 2.0  # not cut at 1 std like the ViT's
+    assert abs((plain.abs() > 0.02).double().mean().item() - 0.3173) < 0.01  # the normal's mass beyond 1 std
+    assert abs(rel_std(s.patch_embed.proj.weight, 0.02)) < 0.1  # PyTorch's default would be ~4.2x
+    assert all(torch.count_nonzero(m.bias) == 0 for m in layers if m.bias is not None)
+    for k, b in enumerate(blocks, start=1):  # k counts over both stages
+        both = torch.cat([b.attn.proj.weight.flatten(), b.mlp.fc2.weight.flatten()])
+        assert abs(rel_std(both, 0.02 / math.sqrt(2 * k))) < 0.06, k
+        for norm in (b.norm1, b.norm2):  # res-post-norm
+            assert torch.all(norm.weight == 1e-5) and torch.count_nonzero(norm.bias) == 0
+    assert torch.all(s.norm.weight == 1) and torch.allclose(blocks[0].attn.logit_scale, torch.tensor(math.log(10)))
+
+
+def test_swinv2_timm_init_stays_available_and_differs():
+    s = tiny_swin("student.init=timm")
+    blocks = [b for stage in s.layers for b in stage.blocks]
+    assert all(torch.all(b.norm1.weight == 0) and torch.all(b.norm2.weight == 0) for b in blocks)
+    assert rel_std(s.patch_embed.proj.weight, 0.02) > 2 and torch.count_nonzero(s.patch_embed.proj.bias) > 0
+    assert abs(rel_std(blocks[-1].mlp.fc2.weight, 0.02)) < 0.06  # not rescaled by depth
+
+
+def test_unknown_init_is_refused_in_one_line():
+    with pytest.raises(FDLightError, match=r"^unknown student.init 'xavier'; choose one of: fd, timm$"):
+        build_student(compose(["student=tiny", "student.init=xavier"]).student)
+    with pytest.raises(FDLightError, match="student.init=fd knows ViT .Beit. and SwinV2 students, not Linear"):
+        fd_init(torch.nn.Linear(2, 2))
 
 
 def shapes(model: torch.nn.Module) -> dict[str, tuple]:

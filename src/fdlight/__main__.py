@@ -7,34 +7,14 @@ import logging
 import os
 import sys
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from fdlight.config import GROUPS, compose, group_choices, top_level_keys
 from fdlight.errors import FDLightError
-
-GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger", "experiment")
-
-
-def group_choices(group: str) -> list[str]:
-    folder = resources.files("fdlight.conf").joinpath(group)
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
-
-
-def top_level_keys() -> set[str]:
-    """Every top-level key a shipped config can hold: the groups, the primary config's keys, and the sections the
-    stage and experiment files add."""
-    from omegaconf import OmegaConf
-
-    conf = resources.files("fdlight.conf")
-    files = [conf.joinpath("config.yaml")] + [f for group in ("stage", "experiment")
-                                              for f in conf.joinpath(group).iterdir() if f.name.endswith(".yaml")]
-    keys = {str(k) for f in files for k in OmegaConf.load(str(f)).keys()}
-    return (keys | set(GROUPS) | {"hydra"}) - {"defaults"}
-
 
 # Hydra's flags that take the next argument as their value, and those that point it at a user's own config
 # (whose keys fdlight cannot know).
@@ -68,7 +48,7 @@ def check_group_overrides(argv: list[str]) -> None:
         key = key.lstrip("+~")
         if not sep:
             continue
-        top = key.split(".")[0].split("/")[0].split("@")[0]
+        top = top_key(key)
         known = known or top_level_keys()
         if top not in known and not user_config:
             close = difflib.get_close_matches(top, sorted(known), n=1, cutoff=0.8 if appended else 0.6)
@@ -80,6 +60,30 @@ def check_group_overrides(argv: list[str]) -> None:
         choices = group_choices(key)
         if value not in choices:
             raise FDLightError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def top_key(arg: str) -> str:
+    return arg.partition("=")[0].lstrip("+~").split(".")[0].split("/")[0].split("@")[0]
+
+
+def check_stage_sections(argv: list[str]) -> None:
+    """`stage=finetune distill.max_steps=5` sets a section the composed config does not hold (Hydra's message is
+    "Key 'distill' is not in struct"): name the stage it belongs to."""
+    if any(a in ("-m", "--multirun") or a.split("=")[0] in USER_CONFIG_FLAGS for a in argv):
+        return
+    stages = set(group_choices("stage"))
+    args = [a for a in overrides(argv) if "=" in a]
+    keyed = [a for a in args if top_key(a) in stages]
+    if not keyed:
+        return
+    try:
+        cfg = compose([a for a in args if top_key(a) not in stages and top_key(a) != "hydra"])
+    except Exception:  # noqa: BLE001 - any other composition error is Hydra's to report
+        return
+    for arg in keyed:
+        if cfg.get(top_key(arg)) is None:
+            raise FDLightError(f"{arg!r} is a setting of stage={top_key(arg)}, but this command runs "
+                               f"stage={cfg.stage}; pass stage={top_key(arg)} to run that stage, or drop the setting")
 
 
 def check_sweep_launch(cfg: DictConfig) -> None:
@@ -97,10 +101,15 @@ def check_sweep_launch(cfg: DictConfig) -> None:
 
 
 def record_error(run_dir: Path, error: FDLightError) -> None:
-    """After a user error: a run that never started (its directory holds only this job's empty log) leaves no
-    directory; otherwise the error and its traceback go to the run's log file, beside what the run logged before."""
+    """After a user error: a run that never started (its directory holds only this job's log: no config.yaml, no
+    checkpoint) leaves no directory; otherwise the error and its traceback go to the run's log file, beside what the
+    run logged before."""
     own_log = run_dir / f"{HydraConfig.get().job.name}.log"
-    if own_log.is_file() and own_log.stat().st_size == 0 and [p.name for p in run_dir.iterdir()] == [own_log.name]:
+    if own_log.is_file() and [p.name for p in run_dir.iterdir()] == [own_log.name]:
+        for handler in logging.getLogger().handlers:  # release the file before removing it
+            if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == own_log.resolve():
+                handler.close()
+                logging.getLogger().removeHandler(handler)
         own_log.unlink()
         with contextlib.suppress(OSError):
             run_dir.rmdir()  # only when empty: never anything but what Hydra made for this job
@@ -149,6 +158,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     try:
         check_group_overrides(sys.argv[1:])
+        check_stage_sections(sys.argv[1:])
     except FDLightError as e:
         print(f"fdlight: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,4 +1,4 @@
-"""Layer ids for layer-wise lr decay (fd-method.md §2.4). The scale decay^(L-1-id) is applied once, by
+"""Layer ids for layer-wise lr decay (docs/method.md §2.4). The scale decay^(L-1-id) is applied once, by
 `fdlight.optim.param_groups` + `adamw_with_schedule`, never again by a scheduler."""
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
                  layer_of: Callable[[str], int] | None = None, num_layers: int = 1, layer_decay: float = 1.0,
                  ndims: dict[str, int] | None = None) -> list[dict]:
     """Split trainable parameters into AdamW groups. No weight decay for 1-D tensors, biases and names containing a
-    keyword (fd-method.md §1.9). With `layer_of`, each group also carries lr_scale = decay^(num_layers-1-layer).
+    keyword (docs/method.md §1.9). With `layer_of`, each group also carries lr_scale = decay^(num_layers-1-layer).
     `ndims` (from original_ndims) gives the true dimensions of parameters that FSDP has flattened."""
     groups: dict[tuple[int, bool], dict] = {}
     for name, p in named:

@@ -1,5 +1,5 @@
-"""Transforms of the fine-tuning and linear-probe stages (fd-method.md §2.3, §2.5). Evaluation uses
-`fdlight.data.transforms.eval_transform` (ImageNet statistics for both splits, fd-method.md §7.1)."""
+"""Transforms of the fine-tuning and linear-probe stages (docs/method.md §2.3, §2.5). Evaluation uses
+`fdlight.data.transforms.eval_transform` (ImageNet statistics for both splits, docs/method.md §7.1)."""
 from __future__ import annotations
 
 from PIL import Image, ImageOps

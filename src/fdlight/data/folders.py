@@ -28,6 +28,18 @@ def class_folder(root: str | Path, split: str) -> Path:
     return path
 
 
+def check_root(data_cfg, with_val: bool = False) -> None:
+    """A folder dataset's root is set and laid out as ImageFolder trees (train/, and val/ when `with_val`)."""
+    from omegaconf import OmegaConf
+
+    c = data_cfg
+    check(not OmegaConf.is_missing(c, "root") and bool(c.root),
+          f"data={c.name} needs data.root=<folder holding train/<class>/<image>"
+          f"{' and val/<class>/<image>' if with_val else ''}>")
+    for split in ("train", "val") if with_val else ("train",):
+        class_folder(c.root, split)
+
+
 class SafeImageFolder(ImageFolder):
     """ImageFolder that skips (and counts) unreadable images, or stops at the first one when strict."""
 

@@ -1,4 +1,4 @@
-"""Image transforms of the FD stages (fd-method.md §1.8, §2.3)."""
+"""Image transforms of the FD stages (docs/method.md §1.8, §2.3)."""
 from __future__ import annotations
 
 from torchvision import transforms as T
@@ -19,7 +19,7 @@ def fd_train_transform(img_size: int, min_scale: float = 0.08) -> T.Compose:
 
 def eval_transform(img_size: int, crop_pct: float = 224 / 256) -> T.Compose:
     """Resize the short side to img_size / crop_pct (256 for 224), centre-crop, ImageNet normalisation (the official
-    code's CLIP statistics at evaluation are a bug, fd-method.md §7.1)."""
+    code's CLIP statistics at evaluation are a bug, docs/method.md §7.1)."""
     return T.Compose([
         T.Resize(int(round(img_size / crop_pct)), interpolation=T.InterpolationMode.BICUBIC),
         T.CenterCrop(img_size),

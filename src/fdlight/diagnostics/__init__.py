@@ -1,1 +1,1 @@
-"""Diagnostics of fd-method.md §4: attention distance, head diversity, attention maps, loss landscape, plots."""
+"""Diagnostics of docs/method.md §4: attention distance, head diversity, attention maps, loss landscape, plots."""

@@ -1,4 +1,4 @@
-"""Attention statistics (fd-method.md §4.1-4.3), read from the post-softmax probabilities of timm attention layers.
+"""Attention statistics (docs/method.md §4.1-4.3), read from the post-softmax probabilities of timm attention layers.
 
 For every attention layer and head, over a set of images:
 - average attention distance in pixels: (1/P) sum_i sum_j A_ij |p_i - p_j| over the P patch tokens (prefix rows and

@@ -1,4 +1,4 @@
-"""Loss landscape (fd-method.md §4.4; Li et al., NeurIPS 2018) and the top Hessian eigenvalue.
+"""Loss landscape (docs/method.md §4.4; Li et al., NeurIPS 2018) and the top Hessian eigenvalue.
 
 The centre is the trained model. Two directions are drawn from a seeded Gaussian with the parameters' shapes and
 filter-normalised: each slice along dim 0 of a tensor with ndim >= 2 (a Linear output row, a conv output channel, a

@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fdlight.diagnostics.attention import check_has_attention
 from fdlight.errors import FDLightError, check
+from fdlight.config import group_choices, group_config
+from fdlight.models.exports import load_segmenter
 from fdlight.models.weights import read_export_metadata, read_state_dict, summarize_load_error
 
 RUN_FILES = ("model.safetensors", "student.safetensors", "checkpoints/last.ckpt")
@@ -66,20 +68,11 @@ class Subject:
 
 # ------------------------------------------------------------------------------------------------------- configs
 def teacher_config(name: str) -> DictConfig:
-    """conf/teacher/<name>.yaml, composed by Hydra (inside a running app too)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from fdlight.__main__ import group_choices
-
+    """conf/teacher/<name>.yaml as Hydra composes it."""
     choices = group_choices("teacher")
     check(name in choices, f"diagnose.checkpoints: unknown teacher config {name!r} in 'teacher:{name}'; choose one "
                            f"of: {', '.join(choices)}")
-    overrides = [f"teacher={name}"]
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name="config", overrides=overrides).teacher
-    with initialize_config_module(config_module="fdlight.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides).teacher
+    return group_config("teacher", name)
 
 
 def default_name(spec: str) -> str:
@@ -170,8 +163,6 @@ def exported_subject(path: Path, name: str) -> Subject:
 
     meta = _read_metadata(path)
     if meta.get("task") == "segment":  # UPerNet of stage=segment: diagnose its (pruned) timm backbone
-        from fdlight.stages.segment import load_segmenter
-
         try:
             model = load_segmenter(path).backbone.model
         except FDLightError:

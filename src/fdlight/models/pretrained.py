@@ -1,4 +1,4 @@
-"""Build a downstream model from an earlier stage's weights file (fd-method.md §2.1-2.2).
+"""Build a downstream model from an earlier stage's weights file (docs/method.md §2.1-2.2).
 
 A file written by fdlight (`student.safetensors`, `model.safetensors`) carries its timm name and kwargs in its
 metadata. Any other file (a teacher's own weights: the paper's baseline) needs the architecture named by a teacher

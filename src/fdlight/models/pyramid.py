@@ -87,7 +87,7 @@ class Backbone(nn.Module):
         return layer_ids(self.model)[1]
 
     def layer_id(self, name: str) -> int:
-        """Layer of a parameter named relative to this backbone's model (fd-method.md §2.4)."""
+        """Layer of a parameter named relative to this backbone's model (docs/method.md §2.4)."""
         return layer_ids(self.model)[0](name)
 
 

@@ -1,4 +1,4 @@
-"""Reading weight files, adapting foreign layouts, loading through timm, exporting loadable safetensors."""
+"""Reading weight files: safetensors, torch pickles, TorchScript; adapting foreign layouts; loading through timm."""
 from __future__ import annotations
 
 import importlib
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from fdlight.errors import FDLightError, check
 
@@ -29,6 +29,27 @@ def is_torchscript(path: str | Path) -> bool:
 def check_weights_file(path: str | Path, key: str = "weights") -> Path:
     path = Path(path)
     check(path.is_file(), f"{key} file not found: {path} (pass an existing .pt/.pth/.bin/.safetensors file)")
+    return path
+
+
+def check_readable_weights(path: str | Path, key: str = "weights") -> Path:
+    """An existing weights file whose container is whole (a safetensors header, a torch zip directory), read without
+    loading its tensors: a truncated or foreign file fails here in one line, before a run directory is claimed."""
+    path = check_weights_file(path, key)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        elif zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+        elif path.suffix in (".pt", ".pth", ".ckpt", ".bin") and path.stat().st_size < 8:
+            raise ValueError("the file is empty")
+    except Exception as e:  # noqa: BLE001 - any decoder failure means the same thing to the user
+        raise FDLightError(f"{key}={path} is not a readable weights file ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:160]}); pass a complete .safetensors/.pt file") from e
     return path
 
 
@@ -153,36 +174,13 @@ def go_offline() -> None:
         pass
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """Write then rename, so a crash never leaves a half-written file under the final name."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.chmod(tmp, 0o644)  # safetensors creates its file readable by its owner only
-    os.replace(tmp, path)
-
-
-def export_timm(model: torch.nn.Module | dict, path: str | Path, timm_name: str, timm_kwargs: dict, **extra) -> Path:
-    """Save a timm model's weights (a module or its full state dict) so `timm.create_model(name, pretrained=True,
-    pretrained_cfg_overlay=dict(file=path), **kwargs)` rebuilds it; name and kwargs travel in the metadata."""
-    meta = {"timm_model": timm_name, "timm_kwargs": json.dumps(timm_kwargs), "format": "fdlight"}
-    meta.update({k: str(v) for k, v in extra.items()})
-    atomic_save_safetensors(model if isinstance(model, dict) else model.state_dict(), path, meta)
-    return Path(path)
-
-
 def read_export_metadata(path: str | Path) -> dict:
+    """The metadata of a safetensors file, with the timm kwargs decoded."""
     from safetensors import safe_open
+
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     out = dict(meta)
     if "timm_kwargs" in out:
         out["timm_kwargs"] = json.loads(out["timm_kwargs"])
     return out
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""Image classification on a pretrained backbone: full fine-tuning (fd-method.md §2.2-2.4) and the linear probe on
+"""Image classification on a pretrained backbone: full fine-tuning (docs/method.md §2.2-2.4) and the linear probe on
 frozen features (§2.5). Both report top-1 / top-5 with torchmetrics."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The feature-distillation LightningModule (fd-method.md §1): student -> 1x1 projector -> smooth-L1 against the
+"""The feature-distillation LightningModule (docs/method.md §1): student -> 1x1 projector -> smooth-L1 against the
 teacher's whitened token map. The teacher is held outside the module tree, so it is never in the optimizer, a
 checkpoint, an FSDP unit or a DDP bucket."""
 from __future__ import annotations

@@ -14,7 +14,6 @@ import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -25,7 +24,12 @@ from fdlight.diagnostics.landscape import (ClassificationLoss, DistillationLoss,
                                            loss_landscape, top_hessian_eigenvalue)
 from fdlight.diagnostics.loading import Subject, build_fd_module, default_name, eval_batches, load_subject
 from fdlight.errors import FDLightError, check
-from fdlight.models.weights import atomic_save_safetensors, atomic_write_text
+from fdlight.artifacts import save_figure, save_safetensors, write_json
+from fdlight.config import compose, section
+from fdlight.diagnostics import plots
+from fdlight.runs.directory import Claim, save_config
+from fdlight.runs.template import Stage
+from fdlight.runs.trainer import build_logger
 
 log = logging.getLogger(__name__)
 LOSSES = ("auto", "ce", "fd", "probe", "none")
@@ -46,22 +50,7 @@ class Diagnosis:
 # -------------------------------------------------------------------------------------------------------- config
 def config(overrides=()) -> DictConfig:
     """The config `python -m fdlight stage=diagnose <overrides>` runs (for notebooks and the demo)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    overrides = ["stage=diagnose", *overrides]
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name="config", overrides=overrides)
-    with initialize_config_module(config_module="fdlight.conf", version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
-def settings(cfg: DictConfig) -> DictConfig:
-    """cfg.diagnose, or the shipped defaults when the config comes from another stage."""
-    if cfg.get("diagnose") is not None:
-        return cfg.diagnose
-    text = resources.files("fdlight.conf").joinpath("stage/diagnose.yaml").read_text()
-    return OmegaConf.create(text).diagnose
+    return compose(["stage=diagnose", *overrides])
 
 
 def check_settings(d: DictConfig) -> None:
@@ -95,7 +84,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 @contextmanager
-def cpu_threads(setting, model: torch.nn.Module, device: torch.device):
+def model_threads(setting, model: torch.nn.Module, device: torch.device):
     """Tiny models on a CPU run faster on one thread: per-op threading overhead dominates (badly so on a busy CPU)."""
     n = setting
     if setting == "auto":
@@ -177,9 +166,9 @@ def _probe_objective(subject: Subject, xs, ys, num_classes, device, limit, probe
 
 # ------------------------------------------------------------------------------------------------------ diagnose
 def diagnose_subject(subject: Subject, cfg: DictConfig, device: torch.device | None = None) -> Diagnosis:
-    d = settings(cfg)
+    d = section(cfg, "diagnose")
     device = device or resolve_device(d.device)
-    with cpu_threads(d.get("threads", "auto"), subject.model, device):
+    with model_threads(d.get("threads", "auto"), subject.model, device):
         return _diagnose(subject, cfg, d, device)
 
 
@@ -228,7 +217,7 @@ def _diagnose(subject: Subject, cfg: DictConfig, d: DictConfig, device: torch.de
 def diagnose_checkpoint(spec: str, cfg: DictConfig | None = None, name: str | None = None) -> Diagnosis:
     """Everything about one checkpoint (a path or teacher:<name>), computed with cfg's settings (default config)."""
     cfg = cfg if cfg is not None else config()
-    check_settings(settings(cfg))
+    check_settings(section(cfg, "diagnose"))
     return diagnose_subject(load_subject(spec, cfg, name), cfg)
 
 
@@ -237,7 +226,7 @@ def summarize(paths, cfg: DictConfig | None = None, names=None, loss: str | None
     stage's config (its data= is used; diagnose.* defaults fill in); `loss` overrides diagnose.landscape.loss, e.g.
     'probe' to compare a teacher and a student on the same loss."""
     cfg = cfg if cfg is not None else config()
-    d = settings(cfg)
+    d = section(cfg, "diagnose")
     d = OmegaConf.merge(d, {"checkpoints": [str(p) for p in paths], "names": list(names) if names else None})
     if loss is not None:
         d.landscape.loss = loss
@@ -262,37 +251,26 @@ def slug(name: str) -> str:
 
 
 def write_plots(run_dir: Path, results: dict[str, Diagnosis], d: DictConfig) -> list[Path]:
-    from fdlight.diagnostics import plots
-
     data = {n: r.data for n, r in results.items()}
     figures = {"attention_distance": plots.distance_figure(data), "head_diversity": plots.diversity_figure(data),
                "landscape": plots.landscape_figure(data)}
     for n, r in results.items():
         figures[f"attention_maps_{slug(n)}"] = plots.maps_figure(n, r.data, r.maps, int(d.maps.max_layers),
                                                                  int(d.maps.max_heads))
-    paths = []
-    for stem, fig in figures.items():
-        if fig is not None:
-            fig.savefig(run_dir / f"{stem}.png", dpi=110)
-            paths.append(run_dir / f"{stem}.png")
-    return paths
+    return [save_figure(fig, run_dir / f"{stem}.png") for stem, fig in figures.items() if fig is not None]
 
 
 def write_outputs(run_dir: Path, results: dict[str, Diagnosis], cfg: DictConfig) -> list[Path]:
-    from fdlight.stages.common import strict_json
-
-    d = settings(cfg)
+    d = section(cfg, "diagnose")
     doc = {"settings": OmegaConf.to_container(d, resolve=True), "data": str(cfg.data.name),
            "maps_file": "attention_maps.safetensors", "checkpoints": {n: r.data for n, r in results.items()}}
-    atomic_write_text(run_dir / "diagnostics.json", json.dumps(strict_json(doc), indent=1, allow_nan=False) + "\n")
-    atomic_save_safetensors({f"{n}|{layer}": m for n, r in results.items() for layer, m in r.maps.items()},
-                            run_dir / "attention_maps.safetensors", {"format": "fdlight attention maps"})
-    return write_plots(run_dir, results, d)
+    written = [write_json(run_dir / "diagnostics.json", doc, indent=1),
+               save_safetensors({f"{n}|{layer}": m for n, r in results.items() for layer, m in r.maps.items()},
+                                run_dir / "attention_maps.safetensors", {"format": "fdlight attention maps"})]
+    return written + write_plots(run_dir, results, d)
 
 
 def log_to_wandb(cfg: DictConfig, run_dir: Path, pngs: list[Path], summaries: dict[str, dict]) -> None:
-    from fdlight.stages.common import build_logger
-
     logger = build_logger(cfg, run_dir)
     for png in pngs:
         logger.log_image(key=f"diagnose/{png.stem}", images=[str(png)])
@@ -302,33 +280,50 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, pngs: list[Path], summaries: di
     logger.experiment.finish()
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    from fdlight.stages.common import prepare_run_dir, write_metrics
+class Diagnose(Stage):
+    name = "diagnose"
 
-    d = settings(cfg)
-    check_settings(d)
-    device = resolve_device(d.device)
-    start = time.perf_counter()
-    subjects = [load_subject(str(s), cfg, n) for s, n in zip(d.checkpoints, names_of(d))]  # bad input fails first
-    prepare_run_dir(cfg, run_dir)
-    results = {}
-    for s in subjects:
-        results[s.name] = r = diagnose_subject(s, cfg, device)
-        sm = r.summary
-        log.info("%s (%s): attention distance spread %.3f px, head KL %.4f, diagonality %.3f, %s sharpness %s",
-                 s.name, s.kind, sm["attn_distance_spread"], sm["head_kl_mean"], sm["diagonality_mean"],
-                 sm["landscape_loss"], "n/a" if sm["sharpness"] is None else f"{sm['sharpness']:.4g}")
-    losses = sorted({r.summary["landscape_loss"] for r in results.values()} - {None})
-    if len(losses) > 1:
-        log.warning("the landscapes use different losses (%s): landscape.png draws each loss in its own panel; pass "
-                    "diagnose.landscape.loss=probe to compare every checkpoint on one loss", ", ".join(losses))
-    pngs = write_outputs(run_dir, results, cfg)
-    summaries = {n: r.summary for n, r in results.items()}
-    if cfg.logger.name == "wandb":
-        log_to_wandb(cfg, run_dir, pngs, summaries)
-    metrics = {"stage": "diagnose", "checkpoints": summaries, "wall_s": time.perf_counter() - start,
-               "plots": [p.name for p in pngs]}
-    write_metrics(run_dir, metrics)
-    log.info("diagnostics of %d checkpoint(s) in %.1f s: %s", len(results), metrics["wall_s"],
-             run_dir / "diagnostics.json")
-    return metrics
+    def settings(self, cfg: DictConfig) -> DictConfig:
+        return section(cfg, "diagnose")
+
+    def validate(self, cfg: DictConfig) -> None:
+        d = self.settings(cfg)
+        check_settings(d)
+        resolve_device(d.device)
+
+    def build(self, cfg: DictConfig) -> list[Subject]:
+        d = self.settings(cfg)
+        return [load_subject(str(s), cfg, n) for s, n in zip(d.checkpoints, names_of(d))]  # bad input fails first
+
+    def execute(self, cfg: DictConfig, run_dir: Path, subjects: list[Subject], claimed: Claim) -> dict:
+        d = self.settings(cfg)
+        device = resolve_device(d.device)
+        save_config(cfg, run_dir)
+        start = time.perf_counter()
+        results = {}
+        for s in subjects:
+            results[s.name] = r = diagnose_subject(s, cfg, device)
+            sm = r.summary
+            log.info("%s (%s): attention distance spread %.3f px, head KL %.4f, diagonality %.3f, %s sharpness %s",
+                     s.name, s.kind, sm["attn_distance_spread"], sm["head_kl_mean"], sm["diagonality_mean"],
+                     sm["landscape_loss"], "n/a" if sm["sharpness"] is None else f"{sm['sharpness']:.4g}")
+        losses = sorted({r.summary["landscape_loss"] for r in results.values()} - {None})
+        if len(losses) > 1:
+            log.warning("the landscapes use different losses (%s): landscape.png draws each loss in its own panel; "
+                        "pass diagnose.landscape.loss=probe to compare every checkpoint on one loss", ", ".join(losses))
+        written = write_outputs(run_dir, results, cfg)
+        summaries = {n: r.summary for n, r in results.items()}
+        pngs = [p for p in written if p.suffix == ".png"]
+        if cfg.logger.name == "wandb":
+            log_to_wandb(cfg, run_dir, pngs, summaries)
+        metrics = {"stage": "diagnose", "checkpoints": summaries, "wall_s": time.perf_counter() - start,
+                   "plots": [p.name for p in pngs]}
+        self.finish(run_dir, metrics, written)
+        return metrics
+
+    def summary(self, metrics: dict) -> str:
+        return f"diagnostics of {len(metrics['checkpoints'])} checkpoint(s) in {metrics['wall_s']:.1f} s"
+
+
+STAGE = Diagnose()
+run = STAGE.run

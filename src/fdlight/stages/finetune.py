@@ -1,16 +1,13 @@
 """stage=finetune: image classification fine-tuning of a distilled student, a fine-tuned model or a teacher's own
-weights (the paper's baseline) with the recipe of fd-method.md §2. Writes `model.safetensors` (loadable in plain
+weights (the paper's baseline) with the recipe of docs/method.md §2. Writes `model.safetensors` (loadable in plain
 timm), `metrics.json` (val/top1, val/top5, img_per_s) and `checkpoints/last.ckpt`."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-import lightning as L
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from fdlight.data.classification import ClassificationData
 from fdlight.data.finetune_transforms import finetune_train_transform
 from fdlight.data.transforms import eval_transform
 from fdlight.errors import FDLightError, check
@@ -18,28 +15,14 @@ from fdlight.models.attention import set_attention
 from fdlight.models.layout import timm_layout
 from fdlight.models.pretrained import Architecture, build_from_pretrained, downstream_kwargs
 from fdlight.models.students import check_drop_path, student_kwargs
-from fdlight.models.weights import ADAPTERS, classifier_prefixes, export_timm, read_state_dict
-from fdlight.modules.classify import Classifier, FineTune
-from fdlight.stages.common import cpu_threads, timed_fit, trained_state_dict, write_metrics
-
-log = logging.getLogger(__name__)
+from fdlight.models.exports import export_timm
+from fdlight.models.weights import ADAPTERS, classifier_prefixes, read_state_dict
+from fdlight.modules.classify import FineTune
+from fdlight.runs.template import Training
+from fdlight.stages.classify import ClassificationStage, classification_data, optim_dict
 
 # Training-only kwargs left out of the exported architecture.
 TRAIN_ONLY_KWARGS = ("drop_path_rate", "head_init_scale")
-
-
-# ----------------------------------------------------------------------------------------------------------- data
-def classification_data(cfg: DictConfig, batch_size: int) -> ClassificationData:
-    """Train and val sets, checked before anything is built: data.root set and existing, val/ with class folders,
-    and data.num_classes (when given) equal to the folders' count. Transforms are attached once the model is known."""
-    d = cfg.data
-    data = ClassificationData(d, batch_size, None, None, with_val=True)
-    data.setup()
-    found = len(data.train_set.classes)
-    declared = d.get("num_classes")
-    check(declared in (None, found), f"data.num_classes={declared} but {d.root}/train has {found} class folders; "
-                                     f"set data.num_classes=null to take the count from the folders")
-    return data
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -75,14 +58,11 @@ def load_head(model: nn.Module, path: Path, arch: Architecture, num_classes: int
 def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Architecture, dict, Path | None]:
     """(model, architecture, exported timm kwargs, pretrained path) of the fine-tuning run."""
     f = cfg.finetune
-    drop_path = check_drop_path(f.drop_path, "finetune.drop_path")
+    drop_path = float(f.drop_path)
     overrides = {"img_size": int(f.img_size)} if f.get("img_size") else {}
     pool = f.get("global_pool") or ""
     path = Path(str(f.pretrained)).expanduser() if f.get("pretrained") else None
     if path is None:
-        check(bool(f.get("scratch")), "finetune.pretrained is not set; pass finetune.pretrained=<run>/student."
-                                      "safetensors (or a teacher's weights file with teacher=<its config>), or "
-                                      "finetune.scratch=teacher|student to train from random weights")
         arch = scratch_architecture(cfg, f.scratch)
         model, arch = build_from_pretrained(None, num_classes, drop_path, arch=arch, pool=pool, **overrides)
     else:
@@ -100,56 +80,53 @@ def block_types(model: nn.Module) -> set[type]:
     return {type(b) for b in blocks}
 
 
-# ---------------------------------------------------------------------------------------------------------- run
-def fit_and_validate(trainer: L.Trainer, module: Classifier, data: ClassificationData, resume) -> dict:
-    """Train, then make sure the reported metrics belong to the final weights (max_steps can stop mid-epoch)."""
-    trainer.fit(module, datamodule=data, ckpt_path=str(resume) if resume else None)
-    if module.validated_step != trainer.global_step:
-        trainer.validate(module, datamodule=data, verbose=False)
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ema/"))}
+# ---------------------------------------------------------------------------------------------------------- stage
+class Finetune(ClassificationStage):
+    name = "finetune"
 
+    def validate(self, cfg: DictConfig) -> None:
+        super().validate(cfg)
+        f = cfg.finetune
+        check_drop_path(f.drop_path, "finetune.drop_path")
+        check(not (f.get("ema") and cfg.trainer.strategy == "fsdp"),
+              "finetune.ema keeps a whole copy of the weights that trainer=fsdp's shards cannot update; use "
+              "trainer=ddp or finetune.ema=null")
+        if not f.get("pretrained"):
+            check(bool(f.get("scratch")), "finetune.pretrained is not set; pass finetune.pretrained=<run>/student."
+                                          "safetensors (or a teacher's weights file with teacher=<its config>), or "
+                                          "finetune.scratch=teacher|student to train from random weights")
+            scratch_architecture(cfg, f.scratch)
 
-def optim_dict(stage_cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(stage_cfg, resolve=True)
+    def build(self, cfg: DictConfig) -> Training:
+        f = cfg.finetune
+        data = classification_data(cfg, int(f.batch_size))
+        num_classes = data.num_classes
+        model, arch, export_kwargs, path = build_classifier(cfg, num_classes)
+        set_attention(model, cfg.trainer.attention)
+        img_size = timm_layout(model).img_size
+        data.set_transforms(finetune_train_transform(img_size, f.auto_augment, f.re_prob, f.min_scale),
+                            eval_transform(img_size, f.crop_pct))
+        mixup = dict(mixup=f.mixup, cutmix=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
+                     label_smoothing=f.label_smoothing)
+        module = FineTune(model, num_classes, optim_dict(f), mixup, ema_decay=f.get("ema"))
+        source = str(path) if path else f"scratch:{f.scratch}"
+        return Training(module, data, wrap_classes=block_types(model),
+                        extra=dict(arch=arch, export_kwargs=export_kwargs, source=source, img_size=img_size))
 
+    def describe(self, cfg: DictConfig, built: Training) -> dict:
+        e = built.extra
+        return {"pretrained": e["source"], "model": e["arch"].timm_model, "num_classes": built.module.num_classes,
+                "img_size": e["img_size"], "skipped_images": built.data.skipped_images}
 
-def run(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
-    with cpu_threads(cfg, cfg.finetune):
-        return finetune(cfg, run_dir, callbacks)
-
-
-def finetune(cfg: DictConfig, run_dir: Path, callbacks=()) -> dict:
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    f = cfg.finetune
-    check(not (f.get("ema") and cfg.trainer.strategy == "fsdp"),
-          "finetune.ema keeps a whole copy of the weights that trainer=fsdp's shards cannot update; use trainer=ddp "
-          "or finetune.ema=null")
-    data = classification_data(cfg, int(f.batch_size))
-    num_classes = data.num_classes
-    model, arch, export_kwargs, path = build_classifier(cfg, num_classes)
-    set_attention(model, cfg.trainer.attention)
-    img_size = timm_layout(model).img_size
-    data.set_transforms(finetune_train_transform(img_size, f.auto_augment, f.re_prob, f.min_scale),
-                      eval_transform(img_size, f.crop_pct))
-    mixup = dict(mixup=f.mixup, cutmix=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
-                 label_smoothing=f.label_smoothing)
-    module = FineTune(model, num_classes, optim_dict(f), mixup, ema_decay=f.get("ema"))
-    trainer, meter, val, wall = timed_fit(cfg, f, run_dir, module, data, fit_and_validate, callbacks,
-                                          wrap_classes=block_types(model))
-    source = str(path) if path else f"scratch:{f.scratch}"
-    metrics = {"stage": "finetune", "pretrained": source, "model": arch.timm_model, "num_classes": num_classes,
-               "img_size": img_size, **val, "first_loss": module.first_loss, "last_loss": module.last_loss,
-               "steps": trainer.global_step, "img_per_s": meter.img_per_s, "wall_s": wall,
-               "skipped_images": data.skipped_images}
-    model_state = trained_state_dict(trainer, module, "model.")  # collective under FSDP: every rank
-    if trainer.is_global_zero:
-        export_timm(model_state, run_dir / "model.safetensors", arch.timm_model, export_kwargs, stage="finetune",
-                    pretrained=source, num_classes=num_classes)
+    def export(self, cfg: DictConfig, run_dir: Path, built: Training, state: dict) -> list[Path]:
+        e, module = built.extra, built.module
+        meta = dict(stage="finetune", pretrained=e["source"], num_classes=module.num_classes)
+        out = [export_timm(state, run_dir / "model.safetensors", e["arch"].timm_model, e["export_kwargs"], **meta)]
         if module.ema is not None:
-            export_timm(module.ema.module, run_dir / "model_ema.safetensors", arch.timm_model, export_kwargs,
-                        stage="finetune", pretrained=source, num_classes=num_classes, ema=f.ema)
-        write_metrics(run_dir, metrics)
-        log.info("fine-tuned %s (%s): top-1 %.2f%% after %d steps, %.0f img/s; model at %s", arch.timm_model, source,
-                 100 * metrics.get("val/top1", float("nan")), metrics["steps"], metrics["img_per_s"],
-                 run_dir / "model.safetensors")
-    return metrics
+            out.append(export_timm(module.ema.module, run_dir / "model_ema.safetensors", e["arch"].timm_model,
+                                   e["export_kwargs"], ema=cfg.finetune.ema, **meta))
+        return out
+
+
+STAGE = Finetune()
+run = STAGE.run

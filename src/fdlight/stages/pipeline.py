@@ -15,35 +15,31 @@ import json
 import logging
 import math
 import time
-from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fdlight.artifacts import write_json, write_text
+from fdlight.config import group_config, with_stage
+from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import check
-from fdlight.models.weights import atomic_write_text, read_export_metadata
-from fdlight.stages import run as run_stage
-from fdlight.stages.common import cpu_threads, prepare_run_dir, write_metrics
+from fdlight.models.weights import read_export_metadata
+from fdlight.runs.directory import Claim, save_config
+from fdlight.runs.template import Stage
+from fdlight.stages.diagnose import STAGE as DIAGNOSE, read_summary
+from fdlight.stages.distill import STAGE as DISTILL
+from fdlight.stages.finetune import STAGE as FINETUNE
+from fdlight.stages.segment import segmentation_miou
 
 log = logging.getLogger(__name__)
-
-
-def sub_config(cfg: DictConfig, stage: str, updates: dict) -> DictConfig:
-    """A plain copy of the pipeline's config set to run one stage, with `updates` (dotted keys) merged in."""
-    sub = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
-    sub.stage = stage
-    for key, value in updates.items():
-        OmegaConf.update(sub, key, value, merge=True)
-    return sub
+STEP_STAGES = {"distill": DISTILL, "finetune": FINETUNE, "diagnose": DIAGNOSE}
 
 
 def trained_teacher_config(model_file: Path) -> DictConfig:
     """teacher=timm pointed at step 1's model.safetensors: its timm name and kwargs, ImageNet statistics."""
     meta = read_export_metadata(model_file)
     kwargs = {k: v for k, v in meta["timm_kwargs"].items() if k != "num_classes"}  # the teacher drops its head
-    base = OmegaConf.load(str(resources.files("fdlight.conf").joinpath("teacher", "timm.yaml")))
-    return OmegaConf.merge(base, {"name": "trained_teacher", "model": meta["timm_model"], "weights": str(model_file),
+    return OmegaConf.merge(group_config("teacher", "timm"), {"name": "trained_teacher", "model": meta["timm_model"], "weights": str(model_file),
                                   "kwargs": kwargs, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})
 
 
@@ -56,34 +52,49 @@ def run_step(name: str, sub: DictConfig, run_dir: Path, resume: bool) -> dict:
     sub.resume = bool(resume and (step_dir / "checkpoints" / "last.ckpt").is_file())
     log.info("pipeline: %s (stage=%s) in %s", name, sub.stage, step_dir)
     start = time.perf_counter()
-    metrics = run_stage(sub, step_dir)
+    metrics = STEP_STAGES[sub.stage].run(sub, step_dir)
     metrics["step_wall_s"] = time.perf_counter() - start  # model building and data set-up included
-    write_metrics(step_dir, metrics)
+    write_json(step_dir / "metrics.json", metrics)
     return metrics
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
-    with cpu_threads(cfg, cfg.pipeline):
-        return run_steps(cfg, run_dir)
+class Pipeline(Stage):
+    name = "pipeline"
+    checkpointed = False
+
+    def validate(self, cfg: DictConfig) -> None:
+        if not cfg.pipeline.train_teacher:
+            weights = Path(str(cfg.teacher.weights or "")).expanduser()
+            check(weights.is_file(), f"pipeline.train_teacher=false fine-tunes the teacher's own weights, so "
+                                     f"teacher.weights must be a local file, not {cfg.teacher.weights!r}")
+
+    def execute(self, cfg: DictConfig, run_dir: Path, built, claimed: Claim) -> dict:
+        save_config(cfg, run_dir)
+        metrics = run_steps(cfg, run_dir)
+        self.finish(run_dir, metrics, [run_dir / "results.md"])
+        return metrics
+
+    def summary(self, metrics: dict) -> str:
+        return f"pipeline done in {metrics['total_wall_s']:.0f} s"
+
+
+STAGE = Pipeline()
+run = STAGE.run
 
 
 def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
     p = cfg.pipeline
     resume = bool(cfg.get("resume"))
-    if not resume:
-        prepare_run_dir(cfg, run_dir)
     steps: dict[str, dict] = {}
     if p.train_teacher:
-        steps["teacher"] = run_step("1_teacher", sub_config(cfg, "finetune", {"finetune": dict(p.teacher)}),
+        steps["teacher"] = run_step("1_teacher", with_stage(cfg, "finetune", {"finetune": dict(p.teacher)}),
                                     run_dir, resume)
         teacher_file = run_dir / "1_teacher" / "model.safetensors"
         teacher_cfg = trained_teacher_config(teacher_file)
     else:
-        teacher_file = Path(str(cfg.teacher.weights or "")).expanduser()
-        check(teacher_file.is_file(), f"pipeline.train_teacher=false fine-tunes the teacher's own weights, so "
-                                      f"teacher.weights must be a local file, not {cfg.teacher.weights!r}")
+        teacher_file = Path(str(cfg.teacher.weights)).expanduser()
         teacher_cfg = cfg.teacher
-    distill_cfg = sub_config(cfg, "distill", {})
+    distill_cfg = with_stage(cfg, "distill")
     distill_cfg.teacher = teacher_cfg
     steps["distill"] = run_step("2_distill", distill_cfg, run_dir, resume)
     runs = {"finetune_teacher": {"pretrained": str(teacher_file)},
@@ -91,7 +102,7 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
     if p.scratch_baseline:
         runs["finetune_scratch"] = {"pretrained": None, "scratch": "student"}
     for i, (name, source) in enumerate(runs.items()):
-        sub = sub_config(cfg, "finetune", {"finetune": {**dict(p.finetune), **source}})
+        sub = with_stage(cfg, "finetune", {"finetune": {**dict(p.finetune), **source}})
         steps[name] = run_step(f"3{'abc'[i]}_{name}", sub, run_dir, resume)
     pair = {"teacher": teacher_file, "fd_student": run_dir / "2_distill" / "student.safetensors"}
     extra = {}
@@ -103,8 +114,7 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
     metrics.update(flatten_extra(extra))
     metrics["total_wall_s"] = sum(v for k, v in metrics.items() if k.endswith("wall_s") and v is not None)
     text = results_markdown(cfg, steps, metrics, extra)
-    atomic_write_text(run_dir / "results.md", text)
-    write_metrics(run_dir, metrics)
+    write_text(run_dir / "results.md", text)
     print(text, flush=True)
     return metrics
 
@@ -112,12 +122,8 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
 def diagnose_step(cfg: DictConfig, pair: dict[str, Path], run_dir: Path, resume: bool) -> dict:
     """Step 4: the diagnose stage on teacher and FD student, both scored with a linear-probe loss so their
     landscapes compare (the FD loss exists for the student only)."""
-    from fdlight.stages.diagnose import read_summary
-
-    sub = sub_config(cfg, "diagnose", {})
-    base = OmegaConf.load(str(resources.files("fdlight.conf").joinpath("stage", "diagnose.yaml")))
-    sub = OmegaConf.merge(OmegaConf.create({"diagnose": base.diagnose}), sub, {"diagnose": {
-        "checkpoints": [str(v) for v in pair.values()], "names": list(pair), **dict(cfg.pipeline.diagnose_settings)}})
+    sub = with_stage(cfg, "diagnose", {"diagnose": {"checkpoints": [str(v) for v in pair.values()],
+                                                    "names": list(pair), **dict(cfg.pipeline.diagnose_settings)}})
     start = time.perf_counter()
     run_step("4_diagnose", sub, run_dir, resume)
     summary = read_summary(run_dir / "4_diagnose")
@@ -129,8 +135,6 @@ def diagnose_step(cfg: DictConfig, pair: dict[str, Path], run_dir: Path, resume:
 
 def segment_step(cfg: DictConfig, pair: dict[str, Path], run_dir: Path, resume: bool) -> dict:
     """Step 5: the same small UPerNet fine-tune on teacher and FD student; val/mIoU of each."""
-    from fdlight.stages.segment import segmentation_miou
-
     out = {}
     for name, path in pair.items():
         step_dir = run_dir / f"5_segment_{name}"
@@ -138,7 +142,8 @@ def segment_step(cfg: DictConfig, pair: dict[str, Path], run_dir: Path, resume: 
         if resume and (step_dir / "metrics.json").is_file():
             miou = json.loads((step_dir / "metrics.json").read_text())["val/mIoU"]
         else:
-            miou = segmentation_miou(cfg, path, step_dir, **dict(cfg.pipeline.segment_settings))
+            miou = segmentation_miou(cfg, path, step_dir, resume=resume and step_dir.is_dir(),
+                                     **dict(cfg.pipeline.segment_settings))
         out[name] = {"val/mIoU": miou, "wall_s": time.perf_counter() - start}
     return out
 

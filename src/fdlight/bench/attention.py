@@ -1,7 +1,7 @@
 """GPU timing of the attention statistics: ViT-B/16 with random weights over 1,000 random images, as the diagnose stage
 computes them (fp32, fused attention off, hooks on attn_drop, distances, head KL, averaged maps, diagonality).
 
-    python -m fdlight.diagnostics.gpu_check [--images 1000] [--batch 100] [--model vit_base_patch16_224]
+    python -m fdlight.bench.attention [--images 1000] [--batch 100] [--model vit_base_patch16_224]
 
 Prints the seconds; exits 0 with a note where no CUDA GPU is visible.
 """
@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from fdlight.diagnostics.attention import attention_statistics, summarize_layers
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -20,11 +22,9 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="vit_base_patch16_224")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
-        print("gpu_check: skipped, no CUDA GPU is visible")
+        print("bench.attention: skipped, no CUDA GPU is visible")
         return 0
     import timm
-
-    from fdlight.diagnostics.attention import attention_statistics, summarize_layers
 
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     out = summarize_layers(layers)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    print(f"gpu_check: attention statistics of {args.model} over {args.images} images (batch {args.batch}) on "
+    print(f"bench.attention: attention statistics of {args.model} over {args.images} images (batch {args.batch}) on "
           f"{torch.cuda.get_device_name()}: {seconds:.2f} s ({args.images / seconds:.0f} img/s); "
           f"{len(layers)} layers, mean distance {sum(out['distance_mean_px']) / len(layers):.1f} px, "
           f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")

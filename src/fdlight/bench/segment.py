@@ -1,6 +1,5 @@
 """GPU check of the segmentation model: training images/s of ViT-B/16 (FD student shape) + UPerNet at 512 px in bf16.
-`python -m fdlight.models.upernet_gpu_check` (or `python -m fdlight.stages.segment --bench`); needs only torch and
-timm, so it runs on a bare GPU image."""
+`python -m fdlight.bench.segment [--compile] [--attention triton] [--profile N]`."""
 from __future__ import annotations
 
 import math
@@ -8,6 +7,7 @@ import time
 
 import torch
 
+from fdlight.bench.timing import profile_step
 from fdlight.constants import IGNORE
 from fdlight.errors import check
 from fdlight.models.attention import set_attention
@@ -23,7 +23,7 @@ def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768
     autocast, AdamW, on random tensors. Returns None (with a message) when there is no GPU."""
     if device is None and not torch.cuda.is_available():
         print("segment bench: no CUDA device here; run it on a GPU machine "
-              "(python -m fdlight.stages.segment --bench)")
+              "(python -m fdlight.bench.segment)")
         return None
     device = torch.device(device or "cuda")
     cuda = device.type == "cuda"
@@ -66,8 +66,6 @@ def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768
           f"compile={compile_model}, attention={attention})")
     check(math.isfinite(float(loss.detach())), "the benchmark loss is not finite")
     if profile:
-        from fdlight.bench import profile_step
-
         profile_step(step, device.type, profile)
     return ips
 
@@ -75,8 +73,7 @@ def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768
 def main(argv=None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m fdlight.models.upernet_gpu_check", description=bench.__doc__)
-    p.add_argument("--bench", action="store_true", help="(accepted for `python -m fdlight.stages.segment --bench`)")
+    p = argparse.ArgumentParser(prog="python -m fdlight.bench.segment", description=bench.__doc__)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=512)

@@ -1,0 +1,82 @@
+"""The one owner of fdlight's configuration: the shipped config tree (`conf/`, packaged as `fdlight.conf`), Hydra
+composition outside the CLI (notebooks, benchmarks, diagnostics), the choices of each config group and the shipped
+defaults of each stage section. Everything else asks this module instead of reading YAML itself."""
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.errors import check
+
+CONFIG_MODULE = "fdlight.conf"
+GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger", "experiment")
+
+
+def compose(overrides=()) -> DictConfig:
+    """The config `python -m fdlight <overrides>` runs, composed by Hydra (inside a running app too)."""
+    from hydra import compose as hydra_compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name="config", overrides=list(overrides))
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def _files(group: str):
+    return sorted((p for p in resources.files(CONFIG_MODULE).joinpath(group).iterdir() if p.name.endswith(".yaml")),
+                  key=lambda p: p.name)
+
+
+@lru_cache(maxsize=None)
+def group_choices(group: str) -> tuple[str, ...]:
+    """The selectable choices of a config group (files whose name starts with `_` are bases, not choices)."""
+    return tuple(p.name[:-5] for p in _files(group) if not p.name.startswith("_"))
+
+
+@lru_cache(maxsize=None)
+def top_level_keys() -> frozenset[str]:
+    """Every top-level key a shipped config can hold: the groups, the primary config's keys, and the sections the
+    stage and experiment files add."""
+    conf = resources.files(CONFIG_MODULE)
+    files = [conf.joinpath("config.yaml"), *_files("stage"), *_files("experiment")]
+    keys = {str(k) for f in files for k in OmegaConf.load(str(f)).keys()}
+    return frozenset((keys | set(GROUPS) | {"hydra"}) - {"defaults"})
+
+
+def stage_defaults(stage: str) -> DictConfig:
+    """The shipped settings of one stage section (`conf/stage/<stage>.yaml`'s `<stage>:` block), for a stage that
+    runs inside another (the pipeline's steps, the demo) with a config composed for a different stage."""
+    check(stage in group_choices("stage"), f"unknown stage {stage!r}; choose one of: {', '.join(group_choices('stage'))}")
+    return compose([f"stage={stage}"])[stage]
+
+
+def group_config(group: str, choice: str) -> DictConfig:
+    """One config group's choice as Hydra composes it (its base file included), e.g. ("teacher", "timm")."""
+    choices = group_choices(group)
+    check(choice in choices, f"unknown {group} {choice!r}; choose one of: {', '.join(choices)}")
+    return compose([f"{group}={choice}"])[group]
+
+
+def section(cfg: DictConfig, stage: str) -> DictConfig:
+    """cfg's `<stage>` section, or the shipped one when cfg was composed for another stage."""
+    return cfg[stage] if cfg.get(stage) is not None else stage_defaults(stage)
+
+
+def plain(cfg: DictConfig) -> DictConfig:
+    """A resolved, unlocked copy (no interpolations, no Hydra struct flag) that a stage may edit."""
+    return OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+
+
+def with_stage(cfg: DictConfig, stage: str, updates: dict | None = None) -> DictConfig:
+    """A plain copy of cfg set to run `stage`: its section filled from the shipped defaults when cfg lacks it, then
+    `updates` (dotted keys) merged in."""
+    sub = plain(cfg)
+    if sub.get(stage) is None:
+        sub[stage] = plain(stage_defaults(stage))
+    sub.stage = stage
+    for key, value in (updates or {}).items():
+        OmegaConf.update(sub, key, value, merge=True)
+    return sub

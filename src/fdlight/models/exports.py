@@ -1,0 +1,54 @@
+"""What fdlight writes as model files and reads back: timm-loadable exports (a timm name and kwargs in the safetensors
+metadata) and whole task models (backbone + neck + head, with what rebuilds them)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fdlight.artifacts import save_safetensors
+from fdlight.errors import check
+from fdlight.models.patch_embed import gemm_patch_embed
+from fdlight.models.pretrained import Architecture
+from fdlight.models.pyramid import Backbone
+from fdlight.models.upernet import UPerNet
+from fdlight.models.weights import read_export_metadata, read_state_dict
+
+
+def export_timm(model: torch.nn.Module | dict, path: str | Path, timm_name: str, timm_kwargs: dict, **extra) -> Path:
+    """Save a timm model's weights (a module or its full state dict) so `timm.create_model(name, pretrained=True,
+    pretrained_cfg_overlay=dict(file=path), **kwargs)` rebuilds it; name and kwargs travel in the metadata."""
+    meta = {"timm_model": timm_name, "timm_kwargs": json.dumps(timm_kwargs), "format": "fdlight"}
+    meta.update({k: str(v) for k, v in extra.items()})
+    save_safetensors(model if isinstance(model, dict) else model.state_dict(), path, meta)
+    return Path(path)
+
+
+def save_task_model(state: dict, path: Path, task: str, arch: Architecture, timm_kwargs: dict, head: dict,
+                    **extra) -> None:
+    """The whole model's weights (backbone + neck + head), with what rebuilds it in the metadata."""
+    meta = {"format": "fdlight", "task": task, "backbone_model": arch.timm_model,
+            "backbone_kwargs": json.dumps(timm_kwargs), "head": json.dumps(head)}
+    meta.update({k: str(v) for k, v in extra.items()})
+    save_safetensors(state, path, meta)
+
+
+def rebuild_backbone(meta: dict) -> nn.Module:
+    """The timm backbone a task model's metadata describes (random weights; its state dict follows)."""
+    import timm
+
+    model = timm.create_model(meta["backbone_model"], pretrained=False, **json.loads(meta["backbone_kwargs"]))
+    gemm_patch_embed(model)
+    return model
+
+
+def load_segmenter(path: str | Path) -> UPerNet:
+    """Rebuild a segmentation model from the `model.safetensors` this stage writes (eval mode)."""
+    meta = read_export_metadata(path)
+    check(meta.get("task") == "segment", f"{path} is not a segmentation model written by stage=segment")
+    head = json.loads(meta["head"])
+    model = UPerNet(Backbone(rebuild_backbone(meta), head.pop("indices")), **head)
+    model.load_state_dict(read_state_dict(path))
+    return model.eval()

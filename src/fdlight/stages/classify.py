@@ -1,0 +1,54 @@
+"""What the classification stages (finetune, linear) share: the checked train/val data and the template's fit that
+ends on validated final weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.data.classification import ClassificationData
+from fdlight.data.folders import check_root
+from fdlight.errors import check
+from fdlight.models.weights import check_readable_weights
+from fdlight.runs.template import Training, TrainingStage
+
+
+def classification_data(cfg: DictConfig, batch_size: int) -> ClassificationData:
+    """Train and val sets, checked before anything is built: data.root set and existing, val/ with class folders,
+    and data.num_classes (when given) equal to the folders' count. Transforms are attached once the model is known."""
+    d = cfg.data
+    data = ClassificationData(d, batch_size, None, None, with_val=True)
+    data.setup()
+    found = len(data.train_set.classes)
+    declared = d.get("num_classes")
+    check(declared in (None, found), f"data.num_classes={declared} but {d.root}/train has {found} class folders; "
+                                     f"set data.num_classes=null to take the count from the folders")
+    return data
+
+
+def optim_dict(stage_cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(stage_cfg, resolve=True)
+
+
+class ClassificationStage(TrainingStage):
+    """A stage that trains a classifier on ImageFolder-style data and reports val/top1, val/top5."""
+
+    def validate(self, cfg: DictConfig) -> None:
+        """The data folders' layout (when given), then the weights file's container."""
+        if cfg.data.name != "synthetic":
+            check_root(cfg.data, with_val=True)
+        path = cfg[self.name].get("pretrained")
+        if path:
+            check_readable_weights(Path(str(path)).expanduser(), "pretrained")
+
+    def fit(self, trainer: L.Trainer, built: Training, resume: Path | None) -> dict:
+        """Train, then make sure the reported metrics belong to the final weights (max_steps can stop mid-epoch)."""
+        trainer.fit(built.module, datamodule=built.data, ckpt_path=str(resume) if resume else None)
+        if built.module.validated_step != trainer.global_step:
+            trainer.validate(built.module, datamodule=built.data, verbose=False)
+        return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ema/"))}
+
+    def summary(self, metrics: dict) -> str:
+        return f"{self.name}: top-1 {100 * (metrics.get('val/top1') or float('nan')):.2f}% after " \
+               f"{metrics['steps']} steps, {metrics['img_per_s'] or float('nan'):.0f} img/s"
