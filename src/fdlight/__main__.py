@@ -86,6 +86,56 @@ def check_stage_sections(argv: list[str]) -> None:
                                f"stage={cfg.stage}; pass stage={top_key(arg)} to run that stage, or drop the setting")
 
 
+def check_run(argv: list[str]) -> None:
+    """Compose the command line as Hydra will run it and fail in one line where Hydra would print a traceback or a
+    block of text: a misspelled setting (`finetune.batch_sise=8`), or a run directory that cannot be written (Hydra
+    makes it and opens the run's log there before fdlight runs). Only for a plain run: flags (-m, --cfg, --help, a
+    user's own config) are Hydra's to handle."""
+    from hydra.errors import ConfigCompositionException
+    from omegaconf import OmegaConf
+
+    from fdlight.runs.directory import check_writable
+
+    if any(a.startswith("-") for a in argv):
+        return
+    args = overrides(argv)
+    try:
+        cfg = compose(args, with_hydra=True)
+    except ConfigCompositionException as e:
+        unknown = unknown_setting(e, args)
+        if unknown is not None:
+            raise unknown from None
+        return
+    except Exception:  # noqa: BLE001 - any other composition error is Hydra's to report, in its own words
+        return
+    run_dir = OmegaConf.select(cfg, "hydra.run.dir")
+    if run_dir:
+        check_writable(Path(str(run_dir)))
+
+
+def unknown_setting(error: Exception, args: list[str]) -> FDLightError | None:
+    """`Key 'batch_sise' is not in struct` as one line that names the setting and the nearest known one."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = error.__cause__
+    if not isinstance(cause, (ConfigAttributeError, ConfigKeyError)) or " not in " not in str(cause) \
+            or not cause.full_key:
+        return None
+    full_key = str(cause.full_key)
+    arg = next((a for a in args if a.partition("=")[0].lstrip("+~") == full_key), full_key)
+    parent, _, leaf = full_key.rpartition(".")
+    try:
+        node = OmegaConf.select(compose([a for a in args if a != arg], with_hydra=True), parent) if parent else None
+    except Exception:  # noqa: BLE001 - the names are only a hint
+        node = None
+    known = sorted(str(k) for k in node) if OmegaConf.is_dict(node) else []
+    close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
+    hint = f"did you mean {parent}.{close[0]}?" if close else \
+        f"{parent} has: {', '.join(known)}" if known else "see python -m fdlight --cfg job for the settings"
+    return FDLightError(f"unknown setting {full_key!r} in {arg!r}; {hint}")
+
+
 def check_sweep_launch(cfg: DictConfig) -> None:
     """Hydra's basic launcher runs a sweep's jobs one after another in this process, while a multi-GPU trainer
     re-executes the command line for each rank: every rank would then run the whole sweep."""
@@ -102,8 +152,9 @@ def check_sweep_launch(cfg: DictConfig) -> None:
 
 def record_error(run_dir: Path, error: FDLightError) -> None:
     """After a user error: a run that never started (its directory holds only this job's log: no config.yaml, no
-    checkpoint) leaves no directory; otherwise the error and its traceback go to the run's log file, beside what the
-    run logged before."""
+    checkpoint) leaves no directory; a command refused before its run started (a resume with other settings) leaves
+    the directory it names as it was; otherwise the error and its traceback go to the run's log file, beside what
+    the run logged before."""
     own_log = run_dir / f"{HydraConfig.get().job.name}.log"
     if own_log.is_file() and [p.name for p in run_dir.iterdir()] == [own_log.name]:
         for handler in logging.getLogger().handlers:  # release the file before removing it
@@ -114,11 +165,42 @@ def record_error(run_dir: Path, error: FDLightError) -> None:
         with contextlib.suppress(OSError):
             run_dir.rmdir()  # only when empty: never anything but what Hydra made for this job
         return
+    if not error.run_started:
+        return
     record = logging.LogRecord("fdlight", logging.ERROR, __file__, 0, f"error: {error}", None,
                                (type(error), error, error.__traceback__))
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
+
+
+class LogFileGuard(logging.Filter):
+    """After the first failed write to the run's log file (a full disk), stop writing to it: the console keeps every
+    line, and logging's own report (a traceback per record) would bury the one-line error."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+
+    def filter(self, record) -> bool:
+        return not self.failed
+
+    def failure(self, record) -> None:
+        self.failed = True
+
+
+def guard_log_files() -> None:
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and not any(isinstance(f, LogFileGuard) for f in handler.filters):
+            guard = LogFileGuard()
+            handler.addFilter(guard)
+            handler.handleError = guard.failure
+
+
+def fail(run_dir: Path, error: FDLightError) -> None:
+    print(f"fdlight: error: {error}", file=sys.stderr)
+    record_error(run_dir, error)
+    sys.exit(2)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fdlight.conf", config_name="config")
@@ -132,14 +214,21 @@ def _app(cfg: DictConfig) -> float | None:
         for handler in list(logger.handlers):
             logger.removeHandler(handler)
         logger.propagate = True
+    guard_log_files()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_sweep_launch(cfg)
         metrics = run(cfg, run_dir)
     except FDLightError as e:
-        print(f"fdlight: error: {e}", file=sys.stderr)
-        record_error(run_dir, e)
-        sys.exit(2)
+        fail(run_dir, e)
+    except OSError as e:  # a write outside fdlight.artifacts (Lightning's CSV log) on a full or read-only disk
+        from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error
+
+        if e.errno not in FULL_OR_READ_ONLY:
+            raise
+        error = disk_error(Path(e.filename) if e.filename else run_dir, e)
+        error.run_started = True
+        fail(run_dir, error)
     return metrics.get("last_loss") if isinstance(metrics, dict) else None
 
 
@@ -159,6 +248,7 @@ def main() -> None:
     try:
         check_group_overrides(sys.argv[1:])
         check_stage_sections(sys.argv[1:])
+        check_run(sys.argv[1:])
     except FDLightError as e:
         print(f"fdlight: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -6,26 +6,63 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import math
 import os
+import re
 import tempfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fdlight.errors import FDLightError
+
+if TYPE_CHECKING:
+    import torch
 
 DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
                errno.EPERM: "permission denied"}
 
 
-def disk_error(path: Path, err: OSError) -> FDLightError:
-    """One line for an OSError of writing `path`."""
+def disk_error(path: Path, err: OSError, what: str = "") -> FDLightError:
+    """One line for an OSError of writing `path`: what went wrong and what to do about it."""
     reason = DISK_ERRORS.get(err.errno, err.strerror or type(err).__name__)
-    return FDLightError(f"cannot write {path}: {reason} (errno {err.errno}); free space or fix the permissions of "
-                        f"{path.parent}, or pass another hydra.run.dir=")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on that disk"
+    elif err.errno == errno.EROFS:
+        fix = "remount it writable"
+    elif err.errno in (errno.EACCES, errno.EPERM):
+        fix = f"fix the permissions of {path.parent}"
+    else:
+        fix = "check that disk"
+    return FDLightError(f"cannot write {what}{path}: {reason} (errno {err.errno}); {fix}, or pass another "
+                        f"hydra.run.dir=")
+
+
+OS_ERROR_TEXT = re.compile(r"\(os error (\d+)\)|\[Errno (\d+)\]")
+WRITE_ERRNOS = {*DISK_ERRORS, errno.EFBIG, errno.EIO}
+FULL_OR_READ_ONLY = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}  # errors only a write can meet
+
+
+def os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a writer's failure: the exception itself, or a disk error that it was raised from or that a
+    native writer put in its message (safetensors: "... (os error 28)"); None for a failure that is not the disk's."""
+    if isinstance(exc, FDLightError):
+        return None
+    if isinstance(exc, OSError):
+        return exc
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS:
+            return exc
+        found = OS_ERROR_TEXT.search(str(exc))
+        if found and int(found.group(1) or found.group(2)) in WRITE_ERRNOS:
+            code = int(found.group(1) or found.group(2))
+            return OSError(code, os.strerror(code))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -56,8 +93,11 @@ def atomic_file(path: str | Path):
         os.replace(tmp, path)
         tmp = None
         _fsync_dir(path.parent)
-    except OSError as e:
-        raise disk_error(path, e) from e
+    except Exception as e:  # noqa: BLE001 - writers report a full disk in their own exception types
+        cause = os_error(e)
+        if cause is None:
+            raise
+        raise disk_error(path, cause) from e
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
@@ -81,8 +121,10 @@ def strict_json(value):
     return value
 
 
-def write_json(path: str | Path, value, indent: int = 2) -> Path:
-    return write_text(path, json.dumps(strict_json(value), indent=indent, sort_keys=True, allow_nan=False) + "\n")
+def write_json(path: str | Path, value, indent: int = 2, sort_keys: bool = True) -> Path:
+    """Strict JSON (NaN and infinities as null)."""
+    text = json.dumps(strict_json(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
+    return write_text(path, text + "\n")
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
@@ -93,9 +135,42 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
     return Path(path)
 
 
+class _WriteAll(io.RawIOBase):
+    """A file for torch.save that writes every byte it is given and keeps the first OSError: torch's zip writer
+    ignores short writes and replaces the disk's error by its own ("unexpected pos")."""
+
+    def __init__(self, fh):
+        super().__init__()
+        self.fh, self.error = fh, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        size = view.nbytes
+        try:
+            while view:
+                view = view[self.fh.write(view):]
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        return size
+
+
 def save_torch(obj, path: str | Path) -> Path:
-    with atomic_file(path) as tmp:
-        torch.save(obj, tmp)
+    import torch
+
+    with atomic_file(path) as tmp, open(tmp, "wb", buffering=0) as fh:
+        out = _WriteAll(fh)
+        try:
+            torch.save(obj, out)
+        except Exception as e:
+            if out.error is not None:
+                raise out.error from e
+            raise
+        if out.error is not None:  # torch carried on after a failed write
+            raise out.error
     return Path(path)
 
 

@@ -14,15 +14,16 @@ CONFIG_MODULE = "fdlight.conf"
 GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger", "experiment")
 
 
-def compose(overrides=()) -> DictConfig:
-    """The config `python -m fdlight <overrides>` runs, composed by Hydra (inside a running app too)."""
+def compose(overrides=(), with_hydra: bool = False) -> DictConfig:
+    """The config `python -m fdlight <overrides>` runs, composed by Hydra (inside a running app too); `with_hydra`
+    keeps Hydra's own `hydra:` section (the run directory, the job name)."""
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
     if GlobalHydra.instance().is_initialized():
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
 
 
 def _files(group: str):

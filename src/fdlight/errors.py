@@ -4,6 +4,8 @@
 class FDLightError(Exception):
     """Bad input from the user. `python -m fdlight` prints it as one line and exits with status 2."""
 
+    run_started = False  # set once the run has claimed its directory: the error then belongs in the run's log
+
 
 def check(condition: bool, message: str) -> None:
     if not condition:

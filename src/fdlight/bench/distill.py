@@ -14,6 +14,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fdlight.bench.timing import peak_tflops, profile_step, timed
 from fdlight.config import compose
+from fdlight.models.attention import set_attention
+from fdlight.models.pretrained import Architecture, build_from_pretrained
+from fdlight.models.students import student_kwargs
+from fdlight.optim import adamw_with_schedule, param_groups
 from fdlight.stages.distill import build_distillation
 
 # The paper's ViT-B step, the default on a GPU: CLIP ViT-B/16 teacher (random weights) -> ViT-B/16, drop path 0.2.
@@ -103,11 +107,6 @@ def finetune_bench(cfg, batch: int, args, dev: str) -> dict:
     """One fine-tuning step of the configured student (per-block bias, mean pooling, 1000 classes)."""
     from timm.data import Mixup
     from timm.loss import SoftTargetCrossEntropy
-
-    from fdlight.models.attention import set_attention
-    from fdlight.models.pretrained import Architecture, build_from_pretrained
-    from fdlight.models.students import student_kwargs
-    from fdlight.optim import adamw_with_schedule, param_groups
 
     arch = Architecture(cfg.student.model, student_kwargs(cfg.student))
     model, _ = build_from_pretrained(None, num_classes=1000, drop_path=0.1, arch=arch)

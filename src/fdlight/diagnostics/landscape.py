@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fdlight.diagnostics.attention import unfused_attention
 from fdlight.errors import check
+from fdlight.modules.distill import fd_loss
 
 
 # --------------------------------------------------------------------------------------------------- objectives
@@ -86,7 +88,6 @@ class DistillationLoss(Objective):
         super().__init__(fd_module, batches)
 
     def batch_loss(self, x, target):
-        from fdlight.modules.distill import fd_loss
         return fd_loss(self.module.prediction(x), target, self.module.loss_beta)
 
 
@@ -250,8 +251,6 @@ def _norm(vs: list[torch.Tensor]) -> torch.Tensor:
 
 def top_hessian_eigenvalue(objective: Objective, iters: int = 30, tol: float = 1e-4, seed: int = 0) -> Eigen:
     """Dominant eigenvalue of the Hessian over the parameters with ndim > 1 (as Li et al.), by power iteration."""
-    from fdlight.diagnostics.attention import unfused_attention
-
     named = [(n, p) for n, p in objective.module.named_parameters() if p.ndim > 1]
     params = [p for _, p in named]
     flags = [p.requires_grad for p in params]

@@ -22,12 +22,22 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
+from fdlight.config import group_choices, group_config
+from fdlight.data.folders import SafeImageFolder, class_folder
+from fdlight.data.synthetic import SyntheticClassification
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fdlight.diagnostics.attention import check_has_attention
 from fdlight.errors import FDLightError, check
-from fdlight.config import group_choices, group_config
 from fdlight.models.exports import load_segmenter
-from fdlight.models.weights import read_export_metadata, read_state_dict, summarize_load_error
+from fdlight.models.layout import timm_layout
+from fdlight.models.students import build_student, student_layout
+from fdlight.models.teachers import build_teacher
+from fdlight.models.weights import (
+    read_export_metadata,
+    read_state_dict,
+    summarize_load_error,
+)
+from fdlight.modules.distill import FeatureDistillation
 
 RUN_FILES = ("model.safetensors", "student.safetensors", "checkpoints/last.ckpt")
 FOREIGN_WEIGHTS = (".pt", ".pth", ".bin", ".safetensors")
@@ -124,8 +134,6 @@ def run_artifact(run_dir: Path) -> Path:
 
 
 def teacher_subject(tcfg: DictConfig, seed: int, name: str, source: str) -> Subject:
-    from fdlight.models.teachers import build_teacher
-
     teacher = build_teacher(tcfg, drop_path=0.0, seed=seed)
     return Subject(name, source, "teacher", teacher.model, teacher.layout.img_size,
                    tuple(teacher.mean.flatten().tolist()), tuple(teacher.std.flatten().tolist()),
@@ -142,7 +150,6 @@ def _read_metadata(path: Path) -> dict:
 
 
 def _img_size(model: nn.Module) -> int:
-    from fdlight.models.layout import timm_layout
     return timm_layout(model).img_size
 
 
@@ -212,8 +219,6 @@ def distill_run(run_dir: Path, ckpt: Path | None = None) -> DistillRun | None:
 
 
 def ckpt_subject(path: Path, name: str) -> Subject:
-    from fdlight.models.students import build_student
-
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
     sd = _ckpt_state(path)
     if not any(k.startswith("student.") for k in sd):
@@ -234,10 +239,6 @@ def ckpt_subject(path: Path, name: str) -> Subject:
 
 def build_fd_module(subject: Subject):
     """The FeatureDistillation module of a distilled student: its rebuilt teacher, its projector, its loss settings."""
-    from fdlight.models.students import student_layout
-    from fdlight.models.teachers import build_teacher
-    from fdlight.modules.distill import FeatureDistillation
-
     rcfg = subject.run.config
     teacher = build_teacher(rcfg.teacher, drop_path=0.0, seed=int(rcfg.get("seed", 0)))
     d = rcfg.distill
@@ -255,15 +256,12 @@ def eval_dataset(data_cfg: DictConfig, img_size: int, num_images: int):
     scenes, or `num_images` evenly spaced images of an ImageFolder's val/."""
     from torch.utils.data import Subset
 
-    from fdlight.data.synthetic import SyntheticClassification
-
     check(isinstance(num_images, int) and num_images > 0,
           f"diagnose.num_images={num_images} gives an empty evaluation subset; pass a positive count such as "
           f"diagnose.num_images=64")
     tf = eval_transform(img_size)
     if data_cfg.name == "synthetic":
         return SyntheticClassification("val", num_images, data_cfg.raw_size, data_cfg.num_classes, data_cfg.seed, tf)
-    from fdlight.data.folders import SafeImageFolder, class_folder
     full = SafeImageFolder(class_folder(data_cfg.root, "val"), tf, bool(data_cfg.get("strict", False)))
     check(len(full) > 0, f"{data_cfg.root}/val holds no images, so the evaluation subset is empty; add images")
     n = min(num_images, len(full))

@@ -45,8 +45,13 @@ def check_readable_weights(path: str | Path, key: str = "weights") -> Path:
         elif zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as z:
                 z.namelist()
-        elif path.suffix in (".pt", ".pth", ".ckpt", ".bin") and path.stat().st_size < 8:
-            raise ValueError("the file is empty")
+        elif path.suffix in (".pt", ".pth", ".ckpt", ".bin"):
+            with open(path, "rb") as fh:
+                head = fh.read(2)
+            if head == b"PK":  # a zip archive's start without its directory, which is written last
+                raise ValueError("a zip archive cut short")
+            if len(head) < 2 or head[0] != 0x80:  # a torch file is a zip archive or (older) a pickle: PROTO first
+                raise ValueError("neither a zip archive nor a pickle" if head else "the file is empty")
     except Exception as e:  # noqa: BLE001 - any decoder failure means the same thing to the user
         raise FDLightError(f"{key}={path} is not a readable weights file ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]}); pass a complete .safetensors/.pt file") from e

@@ -2,6 +2,7 @@
 ends on validated final weights."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -11,7 +12,7 @@ from fdlight.data.classification import ClassificationData
 from fdlight.data.folders import check_root
 from fdlight.errors import check
 from fdlight.models.weights import check_readable_weights
-from fdlight.runs.template import Training, TrainingStage
+from fdlight.runs.template import Training, TrainingStage, percent
 
 
 def classification_data(cfg: DictConfig, batch_size: int) -> ClassificationData:
@@ -50,5 +51,6 @@ class ClassificationStage(TrainingStage):
         return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ema/"))}
 
     def summary(self, metrics: dict) -> str:
-        return f"{self.name}: top-1 {100 * (metrics.get('val/top1') or float('nan')):.2f}% after " \
-               f"{metrics['steps']} steps, {metrics['img_per_s'] or float('nan'):.0f} img/s"
+        speed = metrics["img_per_s"]
+        return f"{self.name}: top-1 {percent(metrics.get('val/top1'))} after {metrics['steps']} steps, " \
+               f"{'n/a' if speed is None or math.isnan(speed) else f'{speed:.0f}'} img/s"

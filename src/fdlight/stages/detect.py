@@ -17,7 +17,7 @@ from fdlight.models.exports import rebuild_backbone
 from fdlight.models.pyramid import Backbone, DetectionBackbone
 from fdlight.models.weights import read_export_metadata, read_state_dict
 from fdlight.modules.detect import InstanceSegmentation, build_mask_rcnn
-from fdlight.runs.template import Training
+from fdlight.runs.template import Training, percent
 from fdlight.stages.dense import DenseStage, backbone_model, optim_config
 
 HEAD_KEYS = ("anchor_sizes", "box_head_dim", "mask_head_dim", "rpn_pre_nms_train", "rpn_post_nms_train",
@@ -80,8 +80,8 @@ class Detect(DenseStage):
                                 cfg.detect.num_vis)]
 
     def summary(self, metrics: dict) -> str:
-        pct = {k: 100 * (metrics.get(f"val/{k}_mAP") or float("nan")) for k in ("bbox", "segm")}
-        return f"detection on {metrics['data']}: box mAP {pct['bbox']:.2f}%, mask mAP {pct['segm']:.2f}% after " \
+        pct = {k: percent(metrics.get(f"val/{k}_mAP")) for k in ("bbox", "segm")}
+        return f"detection on {metrics['data']}: box mAP {pct['bbox']}, mask mAP {pct['segm']} after " \
                f"{metrics['steps']} steps ({metrics['wall_s']:.0f} s)"
 
 

@@ -264,7 +264,7 @@ def write_outputs(run_dir: Path, results: dict[str, Diagnosis], cfg: DictConfig)
     d = section(cfg, "diagnose")
     doc = {"settings": OmegaConf.to_container(d, resolve=True), "data": str(cfg.data.name),
            "maps_file": "attention_maps.safetensors", "checkpoints": {n: r.data for n, r in results.items()}}
-    written = [write_json(run_dir / "diagnostics.json", doc, indent=1),
+    written = [write_json(run_dir / "diagnostics.json", doc, indent=1, sort_keys=False),
                save_safetensors({f"{n}|{layer}": m for n, r in results.items() for layer, m in r.maps.items()},
                                 run_dir / "attention_maps.safetensors", {"format": "fdlight attention maps"})]
     return written + write_plots(run_dir, results, d)

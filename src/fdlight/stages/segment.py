@@ -21,7 +21,7 @@ from fdlight.models.attention import set_attention
 from fdlight.models.pyramid import Backbone
 from fdlight.models.upernet import UPerNet
 from fdlight.modules.segment import SemanticSegmentation
-from fdlight.runs.template import Training
+from fdlight.runs.template import Training, percent
 from fdlight.runs.trainer import on_gpu, world_size
 from fdlight.stages.dense import DenseStage, backbone_model, optim_config
 
@@ -78,8 +78,8 @@ class Segment(DenseStage):
                 plot_segmentation(built.module, built.data.val_set, run_dir / "predictions.png", cfg.segment.num_vis)]
 
     def summary(self, metrics: dict) -> str:
-        return f"segmentation on {metrics['data']}: mIoU {100 * (metrics.get('val/mIoU') or float('nan')):.2f}% " \
-               f"after {metrics['steps']} steps ({metrics['wall_s']:.0f} s)"
+        return f"segmentation on {metrics['data']}: mIoU {percent(metrics.get('val/mIoU'))} after " \
+               f"{metrics['steps']} steps ({metrics['wall_s']:.0f} s)"
 
 
 STAGE = Segment()
