@@ -1,12 +1,15 @@
-"""The FD loss against values computed by hand, and the module's full step against a manual recomputation."""
+"""The FD loss against values computed by hand, the module's full step against a manual recomputation, and the
+module built from a config."""
 from __future__ import annotations
 
 import math
 
 import torch
+from timm.layers import DropPath
 
 from conftest import compose
-from fdlight.modules.distill import fd_loss, whiten
+from fdlight.models.students import build_student
+from fdlight.modules.distill import FeatureDistillation, fd_loss, whiten
 from fdlight.stages.distill import build_distillation
 
 
@@ -69,3 +72,39 @@ def test_teacher_input_is_renormalised_to_the_teachers_statistics():
     imagenet = (raw - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor(
         [0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     assert torch.allclose(module.teacher_input(imagenet), (raw - 0.5) / 0.25, atol=1e-5)
+
+
+def same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_from_config_builds_the_module_the_stage_builds():
+    cfg = compose(["drop_path=symmetric"])  # the teacher drops paths too
+    torch.manual_seed(0)
+    staged = build_distillation(cfg)
+    torch.manual_seed(0)
+    built = FeatureDistillation.from_config(cfg)
+    assert same_state(built, staged) and same_state(built.teacher, staged.teacher)
+    assert built.optim_cfg == staged.optim_cfg and built.optim_cfg["clip_grad"] == cfg.distill.clip_grad
+    assert built.no_decay_keywords == staged.no_decay_keywords and built.teacher_drop_path is True
+    assert built.distill_loss == built._distill_loss  # eager unless asked
+
+
+def test_from_config_wraps_a_loaded_student_for_evaluation():
+    cfg = compose(["drop_path=symmetric"])
+    student = build_student(cfg.student)
+    module = FeatureDistillation.from_config(cfg, student=student, train=False)
+    assert module.student is student and module.optim_cfg == {} and module.teacher_drop_path is False
+    assert not any(isinstance(m, DropPath) for m in module.teacher.modules())  # built without drop path
+
+
+def test_from_config_compiles_the_loss_on_request():
+    cfg = compose([])
+    torch.manual_seed(0)
+    eager = FeatureDistillation.from_config(cfg).eval()
+    torch.manual_seed(0)
+    compiled = FeatureDistillation.from_config(cfg, compile=True).eval()
+    assert compiled.distill_loss != compiled._distill_loss
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(compiled.distill_loss(x), eager.distill_loss(x), rtol=1e-4, atol=1e-6)

@@ -10,6 +10,7 @@ import timm
 from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY, compose
+from fdlight.errors import FDLightError
 from fdlight.layer_decay import layer_ids
 from fdlight.models.pretrained import Architecture, build_from_pretrained
 from fdlight.models.students import build_student, student_kwargs
@@ -47,6 +48,11 @@ def test_swin_layer_ids_put_each_patch_merging_with_the_last_block_before_it():
     assert {name: layer_of(name) for name in expected} == expected
     names = {n for n, _ in model.named_parameters()}
     assert set(expected) <= names  # the names are timm's real ones
+
+
+def test_a_model_without_vit_or_swin_layers_is_refused_with_the_key_that_turns_decay_off():
+    with pytest.raises(FDLightError, match=r"not ResNet; set finetune.layer_decay=1.0 for this model"):
+        layer_ids(timm.create_model("resnet10t", num_classes=0))
 
 
 class RecordLrs(Callback):

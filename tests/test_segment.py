@@ -19,7 +19,8 @@ from fdlight.models.pyramid import Backbone, BeitPyramid, default_indices
 from fdlight.models.students import build_student, student_kwargs
 from fdlight.models.upernet import UPerNet, resize_bilinear
 from fdlight.models.exports import export_timm
-from fdlight.modules.segment import SemanticSegmentation, WarmupPoly
+from fdlight.modules.segment import SemanticSegmentation
+from fdlight.optim import WarmupSchedule
 from fdlight.bench.segment import bench
 from fdlight.models.exports import load_segmenter
 from fdlight.stages.dense import backbone_model
@@ -100,7 +101,7 @@ def test_layer_decay_really_scales_the_learning_rates():
     assert lrs["backbone.model.patch_embed.proj.weight"] == pytest.approx(peak * 0.5 ** 3)
     assert lrs["backbone.model.blocks.1.attn.qkv.weight"] == pytest.approx(peak * 0.5)
     assert lrs["head.fuse.0.weight"] == pytest.approx(peak)
-    curve = WarmupPoly(1.0, 0.0, 0.0, 2, 10)
+    curve = WarmupSchedule(1.0, 0.0, 0.0, 2, 10, decay="poly")
     assert [round(curve.lr(s), 3) for s in (0, 1, 2, 6, 10)] == [0.0, 0.5, 1.0, 0.5, 0.0]
 
 

@@ -1,14 +1,18 @@
 """The students have the FD shape (shared relative position bias, no absolute position embedding, layer scale 0.1)
-and the official FD init."""
+and the official FD init; timm builds the same students by their registered names."""
 from __future__ import annotations
 
 import math
 
 import pytest
+import timm
 import torch
 
+import fdlight.models.registry  # noqa: F401 - registers the fd_vit_* names with timm
 from conftest import compose
 from fdlight.errors import FDLightError
+from fdlight.models.exports import export_timm
+from fdlight.models.patch_embed import PatchConv2d
 from fdlight.models.students import block_classes, build_student, fd_init, student_layout
 
 
@@ -119,3 +123,35 @@ def test_unknown_init_is_refused_in_one_line():
         build_student(compose(["student=tiny", "student.init=xavier"]).student)
     with pytest.raises(FDLightError, match="student.init=fd knows ViT .Beit. and SwinV2 students, not Linear"):
         fd_init(torch.nn.Linear(2, 2))
+
+
+def shapes(model: torch.nn.Module) -> dict[str, tuple]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name,student", [("fd_vit_base_patch16_224", "vit_b16"),
+                                          ("fd_vit_large_patch14_224", "vit_l14")])
+def test_timm_builds_the_registered_fd_students_as_the_configs_do(name, student):
+    with torch.device("meta"):
+        registered = timm.create_model(name, pretrained=False)
+        configured = build_student(compose([f"student={student}"]).student)
+    assert shapes(registered) == shapes(configured)
+    assert type(registered).__name__ == "Beit" and registered.pos_embed is None
+    assert type(registered.patch_embed.proj) is PatchConv2d
+
+
+def test_a_registered_tiny_student_equals_the_config_built_one_bitwise(tmp_path):
+    cfg = compose(["student=tiny"]).student
+    torch.manual_seed(3)
+    configured = build_student(cfg, drop_path=0.1)
+    torch.manual_seed(3)
+    registered = timm.create_model("fd_vit_tiny_patch8_32", drop_path_rate=0.1)
+    a, b = configured.state_dict(), registered.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert registered.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
+    assert timm.create_model("fd_vit_tiny_patch8_32", img_size=64).patch_embed.grid_size == (8, 8)
+    export_timm(configured, tmp_path / "student.safetensors", cfg.model, {})
+    loaded = timm.create_model("fd_vit_tiny_patch8_32", checkpoint_path=str(tmp_path / "student.safetensors"))
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in a.items())
+    with pytest.raises(FDLightError, match="fd_vit_tiny_patch8_32 has no published weights"):
+        timm.create_model("fd_vit_tiny_patch8_32", pretrained=True)

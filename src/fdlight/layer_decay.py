@@ -36,8 +36,9 @@ def swin_layer_id(name: str, depths: list[int]) -> int:
     return sum(depths) + 1
 
 
-def layer_ids(model: nn.Module) -> tuple[Callable[[str], int], int]:
-    """(name -> layer id, number of layers L) for a timm ViT/Beit (L = depth + 2) or Swin (L = sum(depths) + 2)."""
+def layer_ids(model: nn.Module, key: str = "finetune.layer_decay") -> tuple[Callable[[str], int], int]:
+    """(name -> layer id, number of layers L) for a timm ViT/Beit (L = depth + 2) or Swin (L = sum(depths) + 2).
+    `key` is the config key that turns layer decay off, for the error on any other model."""
     blocks = getattr(model, "blocks", None)
     if isinstance(blocks, (nn.Sequential, nn.ModuleList)):
         depth = len(blocks)
@@ -47,4 +48,4 @@ def layer_ids(model: nn.Module) -> tuple[Callable[[str], int], int]:
         depths = [len(s.blocks) for s in layers]
         return (lambda name: swin_layer_id(name, depths)), sum(depths) + 2
     raise FDLightError(f"layer-wise lr decay knows ViT and Swin layouts, not {type(model).__name__}; "
-                       f"set layer_decay=1.0 for this model")
+                       f"set {key}=1.0 for this model")

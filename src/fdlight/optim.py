@@ -1,4 +1,5 @@
-"""AdamW parameter groups (official no-decay rules, layer-wise lr scales) and the per-step warmup + cosine schedule."""
+"""AdamW parameter groups (official no-decay rules, layer-wise lr scales) and the per-step warmup + cosine or poly
+schedule."""
 from __future__ import annotations
 
 import math
@@ -6,6 +7,8 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
+
+from fdlight.errors import check
 
 
 WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -46,18 +49,26 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
     return [groups[k] for k in sorted(groups)]
 
 
-class WarmupCosine:
-    """lr(step) / peak for one param group: linear warmup from `start` to `peak`, then cosine from `peak` to `end`.
-    As in the official code (timm 0.4.12), start and end are not layer-scaled; the peak is, exactly once."""
+DECAYS = ("cosine", "poly")
 
-    def __init__(self, peak: float, start: float, end: float, warmup_steps: int, total_steps: int):
-        self.peak, self.start, self.end = peak, start, end
+
+class WarmupSchedule:
+    """lr(step) / peak for one param group: linear warmup from `start` to `peak`, then from `peak` to `end` along a
+    cosine, or along (1 - t)^power (`poly`, mmseg's PolyLR). As in the official code (timm 0.4.12), start and end are
+    not layer-scaled; the peak is, exactly once."""
+
+    def __init__(self, peak: float, start: float, end: float, warmup_steps: int, total_steps: int,
+                 decay: str = "cosine", power: float = 1.0):
+        check(decay in DECAYS, f"unknown schedule {decay!r}; use {' or '.join(DECAYS)}")
+        self.peak, self.start, self.end, self.decay, self.power = peak, start, end, decay, power
         self.warmup_steps, self.total_steps = int(warmup_steps), max(int(total_steps), 1)
 
     def lr(self, step: int) -> float:
         if step < self.warmup_steps:
             return self.start + (self.peak - self.start) * step / self.warmup_steps
         t = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
+        if self.decay == "poly":
+            return (self.peak - self.end) * (1.0 - t) ** self.power + self.end
         return self.end + 0.5 * (self.peak - self.end) * (1.0 + math.cos(math.pi * t))
 
     def __call__(self, step: int) -> float:
@@ -70,12 +81,14 @@ def scaled_lr(base: float, total_batch: int) -> float:
 
 
 def adamw_with_schedule(groups: list[dict], lr: float, warmup_lr: float, min_lr: float, warmup_steps: int,
-                        total_steps: int, betas=(0.9, 0.999), fused: bool = False):
-    """AdamW whose groups peak at lr x lr_scale, and a per-step LambdaLR that follows WarmupCosine for each group."""
+                        total_steps: int, betas=(0.9, 0.999), fused: bool = False, decay: str = "cosine",
+                        power: float = 1.0):
+    """AdamW whose groups peak at lr x lr_scale, and a per-step LambdaLR that follows a WarmupSchedule per group."""
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
     opt = torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), eps=1e-8, fused=fused or None)
-    curves = [WarmupCosine(g["lr"], warmup_lr, min_lr, warmup_steps, total_steps) for g in opt.param_groups]
+    curves = [WarmupSchedule(g["lr"], warmup_lr, min_lr, warmup_steps, total_steps, decay, power)
+              for g in opt.param_groups]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, curves)
     return opt, sched

@@ -8,11 +8,12 @@ import time
 import torch
 
 from fdlight.bench.timing import profile_step
+from fdlight.constants import IGNORE
 from fdlight.errors import check
 from fdlight.models.attention import set_attention
-from fdlight.models.patch_embed import gemm_patch_embed
+from fdlight.models.factory import create_model
 from fdlight.models.pyramid import Backbone
-from fdlight.models.upernet import IGNORE, UPerNet, segmentation_loss
+from fdlight.models.upernet import UPerNet, segmentation_loss
 
 
 def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768, warmup: int = 5,
@@ -24,16 +25,13 @@ def bench(steps: int = 20, batch: int = 16, size: int = 512, channels: int = 768
         print("segment bench: no CUDA device here; run it on a GPU machine "
               "(python -m fdlight.bench.segment)")
         return None
-    import timm
-
     device = torch.device(device or "cuda")
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     torch.backends.cudnn.benchmark = True
-    vit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=size, num_classes=0,
-                            use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1, drop_path_rate=0.1)
-    gemm_patch_embed(vit)
+    vit = create_model("beit_base_patch16_224", pretrained=False, img_size=size, num_classes=0, use_abs_pos_emb=False,
+                       use_rel_pos_bias=True, init_values=0.1, drop_path_rate=0.1)
     set_attention(vit, attention)
     model = UPerNet(Backbone(vit), num_classes=150, channels=channels, aux_channels=256).to(device)
     model = model.to(memory_format=torch.channels_last)

@@ -19,7 +19,7 @@ from fdlight.data.synthetic import make_scene
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
 
-IGNORE = 255
+from fdlight.constants import IGNORE
 
 
 def reduce_zero_label(label: np.ndarray) -> np.ndarray:

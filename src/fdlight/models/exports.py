@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from fdlight.artifacts import save_safetensors
 from fdlight.errors import check
-from fdlight.models.patch_embed import gemm_patch_embed
+from fdlight.models.factory import create_model
 from fdlight.models.pretrained import Architecture
 from fdlight.models.pyramid import Backbone
 from fdlight.models.upernet import UPerNet
@@ -37,11 +37,7 @@ def save_task_model(state: dict, path: Path, task: str, arch: Architecture, timm
 
 def rebuild_backbone(meta: dict) -> nn.Module:
     """The timm backbone a task model's metadata describes (random weights; its state dict follows)."""
-    import timm
-
-    model = timm.create_model(meta["backbone_model"], pretrained=False, **json.loads(meta["backbone_kwargs"]))
-    gemm_patch_embed(model)
-    return model
+    return create_model(meta["backbone_model"], pretrained=False, **json.loads(meta["backbone_kwargs"]))
 
 
 def load_segmenter(path: str | Path) -> UPerNet:

@@ -1,8 +1,10 @@
-"""Token layouts (resolution, stride, prefix tokens, width) and the student/teacher grid check."""
+"""Token layouts (resolution, stride, prefix tokens, width), the token map of a timm model, and the student/teacher
+grid check."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 
 from fdlight.errors import FDLightError
@@ -35,6 +37,12 @@ def timm_layout(model: nn.Module) -> TokenLayout:
     img = img[0] if isinstance(img, (tuple, list)) else img
     stride = model.feature_info[-1]["reduction"] if getattr(model, "feature_info", None) else pe.patch_size[0]
     return TokenLayout(int(img), int(stride), int(getattr(model, "num_prefix_tokens", 0)), int(model.num_features))
+
+
+def timm_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Every token of a timm model after its final norm, (B, N, D)."""
+    out = model.forward_features(x)
+    return out.flatten(1, 2) if out.ndim == 4 else out  # Swin returns NHWC
 
 
 def checked_layout(declared: dict, actual: TokenLayout, who: str) -> TokenLayout:

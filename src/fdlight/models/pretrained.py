@@ -15,7 +15,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.errors import FDLightError, check
-from fdlight.models.patch_embed import gemm_patch_embed
+from fdlight.models.factory import create_model
 from fdlight.models.weights import (ADAPTERS, classifier_prefixes, load_timm_state_dict, read_export_metadata,
                                     read_state_dict)
 
@@ -78,12 +78,9 @@ def build_from_pretrained(path: str | Path | None, num_classes: int, drop_path: 
                           teacher_cfg: DictConfig | None = None, arch: Architecture | None = None,
                           pool: str = "avg", **overrides) -> tuple[nn.Module, Architecture]:
     """A timm model for a downstream task, initialised from `path` (None: random init of `arch`)."""
-    import timm
-
     arch = arch or architecture_of(path, teacher_cfg)
-    model = timm.create_model(arch.timm_model, pretrained=False,
-                              **downstream_kwargs(arch, num_classes, drop_path, pool, **overrides))
-    gemm_patch_embed(model)
+    model = create_model(arch.timm_model, pretrained=False,
+                         **downstream_kwargs(arch, num_classes, drop_path, pool, **overrides))
     if path is None:
         return model, arch
     sd = ADAPTERS[arch.adapter](read_state_dict(path))

@@ -9,7 +9,6 @@ or a Swin / SwinV2 into its four stages (strides 4-32). Two pyramids bring the V
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 
 import torch
@@ -18,9 +17,9 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 
 from fdlight.errors import FDLightError, check
+from fdlight.layer_decay import layer_ids
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
-VIT_STEM = ("cls_token", "pos_embed", "patch_embed", "reg_token", "mask_token", "norm_pre")
 
 
 def pyramid_strides(patch: int) -> tuple:
@@ -72,7 +71,6 @@ class Backbone(nn.Module):
             raise FDLightError(f"{type(model).__name__} is neither a ViT (blocks) nor a Swin (layers); dense stages "
                                f"need a timm Beit, VisionTransformer, Swin or SwinV2 backbone")
         self.img_size = _side(model.patch_embed.img_size)
-        self.depths = [len(s.blocks) for s in model.layers] if not self.is_vit else None
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
@@ -85,25 +83,12 @@ class Backbone(nn.Module):
     # ----------------------------------------------------------------------------------------- layer decay
     @property
     def num_layers(self) -> int:
-        """Layer-decay depth as in the official code: blocks + 2 (stem = 0, heads = num_layers - 1)."""
-        return (len(self.model.blocks) if self.is_vit else sum(self.depths)) + 2
+        """Layer-decay depth of the (pruned) model as in the official code: blocks + 2 (stem = 0, heads = last)."""
+        return layer_ids(self.model)[1]
 
     def layer_id(self, name: str) -> int:
         """Layer of a parameter named relative to this backbone's model (docs/method.md §2.4)."""
-        if self.is_vit:
-            if name.startswith(VIT_STEM):
-                return 0
-            m = re.match(r"blocks\.(\d+)\.", name)
-            return int(m.group(1)) + 1 if m else self.num_layers - 1
-        if name.startswith(("patch_embed", "absolute_pos_embed")):
-            return 0
-        m = re.match(r"layers\.(\d+)\.blocks\.(\d+)\.", name)
-        if m:
-            return sum(self.depths[:int(m.group(1))]) + int(m.group(2)) + 1
-        m = re.match(r"layers\.(\d+)\.downsample\.", name)  # timm merges at a stage's start: the previous stage's end
-        if m:
-            return sum(self.depths[:int(m.group(1))])
-        return self.num_layers - 1
+        return layer_ids(self.model)[0](name)
 
 
 def _scale_steps(in_stride: float, out_stride: float) -> int:

@@ -9,6 +9,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.errors import FDLightError, check
+from fdlight.models.factory import create_model
 from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
 from fdlight.models.patch_embed import gemm_patch_embed
 
@@ -39,8 +40,8 @@ def build_student(cfg: DictConfig, drop_path: float = 0.0, num_classes: int | No
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     kwargs.update(overrides)
-    model = timm.create_model(cfg.model, pretrained=False, drop_path_rate=check_drop_path(drop_path, "drop_path.student"),
-                              **kwargs)
+    model = create_model(cfg.model, pretrained=False, drop_path_rate=check_drop_path(drop_path, "drop_path.student"),
+                         **kwargs)
     if init == "fd" and not _on_meta(model):
         fd_init(model)
     gemm_patch_embed(model)

@@ -8,14 +8,13 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
+from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from fdlight.errors import FDLightError, check
-from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
+from fdlight.models.factory import create_model
+from fdlight.models.layout import TokenLayout, checked_layout, timm_layout, timm_tokens
 from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.weights import (ADAPTERS, WEIGHT_SUFFIXES, classifier_prefixes, go_offline, is_torchscript,
                                     load_timm_state_dict, network_available, read_state_dict, summarize_load_error)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class Teacher(nn.Module):
@@ -41,11 +40,6 @@ class Teacher(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._tokens(self.model, x)
-
-
-def timm_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = model.forward_features(x)
-    return out.flatten(1, 2) if out.ndim == 4 else out  # Swin returns NHWC
 
 
 def open_clip_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -90,10 +84,10 @@ def build_timm_teacher(cfg: DictConfig, drop_path: float = 0.0) -> nn.Module:
         if not network_available():
             go_offline()
         try:
-            return timm.create_model(cfg.model, pretrained=True, **kwargs)
+            return create_model(cfg.model, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - offline, not cached, or a hub error
             raise hub_error(cfg.name, hub_id, f"{type(e).__name__}") from e
-    model = timm.create_model(cfg.model, pretrained=False, **kwargs)
+    model = create_model(cfg.model, pretrained=False, **kwargs)
     if weights:
         load_timm_file(model, str(weights), cfg.adapter, f"teacher {cfg.name!r} ({cfg.model})")
     return model
@@ -160,8 +154,8 @@ def build_teacher(cfg: DictConfig, drop_path: float = 0.0, seed: int = 0) -> Tea
             check(not drop_path, "teacher drop path is only supported for timm teachers; set drop_path.teacher=0")
             model = build_open_clip_visual(cfg)
             actual = open_clip_layout(model)
-            mean = cfg.mean or getattr(model, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-            std = cfg.std or getattr(model, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+            mean = cfg.mean or getattr(model, "image_mean", None) or OPENAI_CLIP_MEAN
+            std = cfg.std or getattr(model, "image_std", None) or OPENAI_CLIP_STD
             tokens = open_clip_tokens
         else:
             raise FDLightError(f"unknown teacher.builder {cfg.builder!r}; use timm or open_clip")

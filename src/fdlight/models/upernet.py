@@ -11,9 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fdlight.constants import IGNORE
 from fdlight.models.pyramid import Backbone, BeitPyramid, _norm2d
-
-IGNORE = 255  # unscored pixels, as fdlight.data.dense.IGNORE (repeated: the GPU check needs torch + timm only)
 
 
 def conv_norm_act(cin: int, cout: int, kernel: int, norm: str) -> nn.Sequential:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -12,8 +11,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from fdlight.errors import FDLightError, check
 from fdlight.layer_decay import layer_ids
-from fdlight.modules.guards import check_finite, clip_gradients
-from fdlight.optim import WarmupCosine, adamw_with_schedule, original_ndims, param_groups, scaled_lr
+from fdlight.modules.base import TrainingModule
+from fdlight.optim import WarmupSchedule, adamw_with_schedule, original_ndims, param_groups, scaled_lr
 
 VIT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token")
 SWIN_NO_DECAY = ("absolute_pos_embed", "cpb_mlp", "logit_scale", "relative_position_bias_table")
@@ -32,29 +31,23 @@ def accuracy_metrics(num_classes: int) -> nn.ModuleDict:
     return nn.ModuleDict(metrics)
 
 
-class Classifier(L.LightningModule):
-    """What both stages share: validation metrics, the total batch, per-step schedules, gradient clipping."""
+class Classifier(TrainingModule):
+    """What both stages share: validation metrics, the total batch, per-step schedules."""
 
     stage_key = "finetune"
 
     def __init__(self, num_classes: int, optim: dict):
-        super().__init__()
-        self.num_classes, self.optim_cfg = num_classes, dict(optim)
+        super().__init__(optim)
+        self.num_classes = num_classes
         self.val_metrics = accuracy_metrics(num_classes)
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
         self.validated_step = -1  # the global step the latest validation saw
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def record_loss(self, loss: torch.Tensor) -> None:
-        value = check_finite(loss, self, "training", f"lower {self.stage_key}.base_lr or check the pretrained weights")
-        if self.first_loss is None:
-            self.first_loss = value
-        self.last_loss = value
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+    @property
+    def loss_fix(self) -> str:
+        return f"lower {self.stage_key}.base_lr or check the pretrained weights"
 
     def evaluate(self, metrics: nn.ModuleDict, logits: torch.Tensor, y: torch.Tensor, prefix: str) -> None:
         for name, metric in metrics.items():
@@ -80,15 +73,6 @@ class Classifier(L.LightningModule):
         per_epoch = math.ceil(t.num_training_batches / t.accumulate_grad_batches)
         epochs = max(int(self.optim_cfg["epochs"]), 1)
         return int(round(per_epoch * float(self.optim_cfg["warmup_epochs"]))), per_epoch * epochs
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["fdlight_first_loss"] = self.first_loss
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.first_loss = checkpoint.get("fdlight_first_loss")
 
 
 # ------------------------------------------------------------------------------------------------- fine-tuning
@@ -130,7 +114,7 @@ class FineTune(Classifier):
         if self.mixup is not None:
             x, target = self.mixup(x, y)
         loss = self.criterion(self.model(x).float(), target)
-        self.record_loss(loss)
+        self.record_loss(loss, "training", self.loss_fix)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -147,7 +131,7 @@ class FineTune(Classifier):
         o = self.optim_cfg
         named = list(self.model.named_parameters())
         decay = float(o.get("layer_decay", 1.0))
-        layer_of, num_layers = layer_ids(self.model) if decay != 1.0 else (None, 1)
+        layer_of, num_layers = layer_ids(self.model, f"{self.stage_key}.layer_decay") if decay != 1.0 else (None, 1)
         groups = param_groups(named, o["weight_decay"], no_decay_keywords(self.model), layer_of=layer_of,
                               num_layers=num_layers, layer_decay=decay, ndims=self.param_ndims)
         warmup, total = self.schedule_steps()
@@ -221,7 +205,7 @@ class LinearProbe(Classifier):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = self.criterion(self.logits(x), y)
-        self.record_loss(loss)
+        self.record_loss(loss, "training", self.loss_fix)
         return loss
 
     def configure_optimizers(self):
@@ -236,6 +220,6 @@ class LinearProbe(Classifier):
         else:
             raise FDLightError(f"linear.optimizer={o['optimizer']!r} is not known; use lars or sgd")
         warmup, total = self.schedule_steps()
-        curve = WarmupCosine(lr, 0.0, scaled_lr(o.get("min_lr", 0.0), self.total_batch()), warmup, total)
+        curve = WarmupSchedule(lr, 0.0, scaled_lr(o.get("min_lr", 0.0), self.total_batch()), warmup, total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, curve)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -16,10 +16,9 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
-from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
 from fdlight.models.pyramid import DetectionBackbone
-from fdlight.modules.guards import check_finite
 from fdlight.modules.segment import DenseTask
 
 LEVELS = ["0", "1", "2", "3"]
@@ -94,7 +93,6 @@ class InstanceSegmentation(DenseTask):
         super().__init__(model, optim)
         self.mask_threshold = float(mask_threshold)
         self.map = new_map_metric()
-        self.first_loss = self.last_loss = None
         self.val_results: dict = {}
         self.val_step = -1
 
@@ -103,13 +101,9 @@ class InstanceSegmentation(DenseTask):
         targets = [{k: t[k] for k in ("boxes", "labels", "masks")} for t in targets]
         losses = self.model(list(images), targets)
         loss = sum(losses.values())
-        value = check_finite(loss, self, "detection", "lower detect.base_lr or check the data")
-        self.first_loss = value if self.first_loss is None else self.first_loss
-        self.last_loss = value
-        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.record_loss(loss, "detection", "lower detect.lr or check the data")
         for k, v in losses.items():
             self.log(f"train/{k}", v.detach())
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
         return loss
 
     @torch.no_grad()

@@ -3,17 +3,20 @@ teacher's whitened token map. The teacher is held outside the module tree, so it
 checkpoint, an FSDP unit or a DDP bucket."""
 from __future__ import annotations
 
-import lightning as L
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from timm.layers import DropPath
 
-from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError, check
-from fdlight.models.layout import TokenLayout, check_grids
-from fdlight.models.teachers import Teacher
-from fdlight.modules.guards import check_finite, clip_gradients
+from fdlight.models.attention import set_attention
+from fdlight.models.drop_path import set_drop_path_mode
+from fdlight.models.layout import TokenLayout, check_grids, timm_tokens
+from fdlight.models.students import build_student, check_drop_path, student_layout
+from fdlight.models.teachers import Teacher, build_teacher
+from fdlight.modules.base import TrainingModule
 from fdlight.optim import adamw_with_schedule, original_ndims, param_groups, scaled_lr
 
 
@@ -31,17 +34,14 @@ def fd_loss(pred: torch.Tensor, target: torch.Tensor, beta: float = 2.0) -> torc
     return F.smooth_l1_loss(pred.float(), target.float(), beta=beta)
 
 
-def student_tokens(student: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    out = student.forward_features(x)
-    return out.flatten(1, 2) if out.ndim == 4 else out  # Swin: NHWC -> (B, HW, C)
+class FeatureDistillation(TrainingModule):
+    """`compile_loss` runs the loss (student forward, teacher target, smooth-L1) through torch.compile."""
 
-
-class FeatureDistillation(L.LightningModule):
     def __init__(self, student: nn.Module, student_layout: TokenLayout, teacher: Teacher, optim: dict,
                  whitening: str = "fd_ln", whitening_eps: float = 1e-5, loss_beta: float = 2.0,
                  include_prefix_tokens: bool = True, teacher_resize: str = "bilinear",
-                 no_decay_keywords=(), teacher_drop_path: bool = False):
-        super().__init__()
+                 no_decay_keywords=(), teacher_drop_path: bool = False, compile_loss: bool = False):
+        super().__init__(optim)
         check_grids(student_layout, teacher.layout)
         check(whitening != "fd_ln" or whitening_eps > 0,
               f"whitening.eps={whitening_eps} must be > 0 (the paper's LayerNorm whitening uses 1e-5)")
@@ -50,7 +50,7 @@ class FeatureDistillation(L.LightningModule):
         self.projector = nn.Linear(student_layout.dim, teacher.layout.dim)  # == Conv1d(k=1) over tokens
         self.param_ndims = original_ndims(self)  # before any FSDP wrapping flattens them
         object.__setattr__(self, "teacher", teacher)  # deliberately not a submodule
-        self.student_layout, self.optim_cfg = student_layout, dict(optim)
+        self.student_layout = student_layout
         self.whitening, self.whitening_eps, self.loss_beta = whitening, whitening_eps, loss_beta
         self.teacher_resize, self.no_decay_keywords = teacher_resize, tuple(no_decay_keywords)
         self.teacher_drop_path = teacher_drop_path
@@ -60,9 +60,29 @@ class FeatureDistillation(L.LightningModule):
         mean_in, std_in = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self.register_buffer("renorm_scale", (std_in / teacher.std.cpu()), persistent=False)
         self.register_buffer("renorm_shift", ((mean_in - teacher.mean.cpu()) / teacher.std.cpu()), persistent=False)
-        self.first_loss: float | None = None
-        self.last_loss: float | None = None
-        self.distill_loss = self._distill_loss
+        self.distill_loss = torch.compile(self._distill_loss) if compile_loss else self._distill_loss
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, student: nn.Module | None = None, train: bool = True,
+                    compile: bool = False) -> "FeatureDistillation":
+        """The module of a composed config (or a distillation run's config.yaml). `student`: a model already built
+        (and loaded) instead of a fresh one with the config's drop path, drop-path mode and attention kernel.
+        `train=False` evaluates a fixed student: no optimizer settings and no teacher drop path."""
+        dp_teacher = check_drop_path(cfg.drop_path.teacher, "drop_path.teacher") if train else 0.0
+        teacher = build_teacher(cfg.teacher, drop_path=dp_teacher, seed=int(cfg.get("seed", 0)))
+        if student is None:
+            student = build_student(cfg.student, drop_path=cfg.drop_path.student)
+            set_drop_path_mode(student, cfg.drop_path.mode)
+            set_attention(student, cfg.trainer.attention)
+        d = cfg.distill
+        optim = dict(batch_size=d.batch_size, base_lr=d.base_lr, warmup_lr=d.warmup_lr, min_lr=d.min_lr,
+                     warmup_epochs=d.warmup_epochs, epochs=d.epochs, weight_decay=d.weight_decay,
+                     betas=list(d.betas), clip_grad=d.clip_grad) if train else {}
+        return cls(student, student_layout(cfg.student, student), teacher, optim, whitening=cfg.whitening.name,
+                   whitening_eps=cfg.whitening.eps, loss_beta=d.loss_beta,
+                   include_prefix_tokens=d.include_prefix_tokens, teacher_resize=d.teacher_resize,
+                   no_decay_keywords=cfg.student.no_decay_keywords, teacher_drop_path=dp_teacher > 0,
+                   compile_loss=compile)
 
     # ------------------------------------------------------------------------------------------------- the step
     def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +101,7 @@ class FeatureDistillation(L.LightningModule):
         return whiten(t, self.whitening, self.whitening_eps)
 
     def prediction(self, x: torch.Tensor) -> torch.Tensor:
-        z = student_tokens(self.student, x)
+        z = timm_tokens(self.student, x)
         if not self.prefix_in_loss:
             z = z[:, self.student_layout.prefix_tokens:]
         return self.projector(z)
@@ -92,13 +112,7 @@ class FeatureDistillation(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         loss = self.distill_loss(x)
-        value = check_finite(loss, self, "FD",
-                             "lower distill.base_lr or check the teacher weights and input data")
-        if self.first_loss is None:
-            self.first_loss = value
-        self.last_loss = value
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=False)
+        self.record_loss(loss, "FD", "lower distill.base_lr or check the teacher weights and input data")
         return loss
 
     # ------------------------------------------------------------------------------------- teacher bookkeeping
@@ -114,12 +128,6 @@ class FeatureDistillation(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.place_teacher()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["fd_first_loss"] = self.first_loss
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.first_loss = checkpoint.get("fd_first_loss")
 
     # ---------------------------------------------------------------------------------------------- optimizer
     def build_optimizer(self, total_steps: int, total_batch: int, fused: bool = False):
@@ -140,6 +148,3 @@ class FeatureDistillation(L.LightningModule):
         opt, sched = self.build_optimizer(int(t.estimated_stepping_batches), total_batch,
                                           fused=self.device.type == "cuda")
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))  # 3.0 in FD

@@ -5,37 +5,18 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from fdlight.data.dense import IGNORE
+from fdlight.constants import IGNORE
 from fdlight.errors import FDLightError
 from fdlight.models.upernet import UPerNet, segmentation_loss
-from fdlight.modules.guards import check_finite, clip_gradients
+from fdlight.modules.base import TrainingModule
 from fdlight.optim import adamw_with_schedule, original_ndims, param_groups
 
 
 # --------------------------------------------------------------------------------------------------- optimizer
-class WarmupPoly:
-    """lr(step) / peak: linear warmup from `start` to `peak`, then (peak - end) * (1 - t)^power + end (mmseg PolyLR)."""
-
-    def __init__(self, peak: float, start: float, end: float, warmup_steps: int, total_steps: int,
-                 power: float = 1.0):
-        self.peak, self.start, self.end, self.power = peak, start, end, power
-        self.warmup_steps, self.total_steps = int(warmup_steps), max(int(total_steps), 1)
-
-    def lr(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.start + (self.peak - self.start) * step / self.warmup_steps
-        t = min((step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1), 1.0)
-        return (self.peak - self.end) * (1.0 - t) ** self.power + self.end
-
-    def __call__(self, step: int) -> float:
-        return self.lr(step) / self.peak if self.peak else 0.0
-
-
 def dense_optimizer(named, optim: dict, layer_of, num_layers: int, total_steps: int, fused: bool = False,
                     ndims: dict | None = None):
     """AdamW over layer-decayed groups (scale applied once) with a per-step warmup + poly or cosine schedule."""
@@ -44,26 +25,21 @@ def dense_optimizer(named, optim: dict, layer_of, num_layers: int, total_steps: 
                           num_layers=num_layers, layer_decay=o["layer_decay"], ndims=ndims)
     warmup = min(int(o["warmup_steps"]), max(total_steps - 1, 0))
     opt, sched = adamw_with_schedule(groups, o["lr"], o["warmup_lr"], o["min_lr"], warmup, total_steps,
-                                     o.get("betas", (0.9, 0.999)), fused=fused)
-    if o["schedule"] == "poly":
-        curves = [WarmupPoly(g["initial_lr"], o["warmup_lr"], o["min_lr"], warmup, total_steps, o.get("power", 1.0))
-                  for g in opt.param_groups]
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, curves)
-    elif o["schedule"] != "cosine":
-        raise FDLightError(f"unknown schedule {o['schedule']!r}; use poly or cosine")
+                                     o.get("betas", (0.9, 0.999)), fused=fused, decay=o["schedule"],
+                                     power=o.get("power", 1.0))
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
 # ------------------------------------------------------------------------------------------------------ module
-class DenseTask(L.LightningModule):
+class DenseTask(TrainingModule):
     """What the dense modules share: layer-decayed AdamW over `model.<backbone_path>`'s layers (necks and heads at
-    scale 1), its per-step schedule, and clipping."""
+    scale 1) and its per-step schedule."""
 
     backbone_path = "backbone"
 
     def __init__(self, model: torch.nn.Module, optim: dict):
-        super().__init__()
-        self.model, self.optim_cfg = model, dict(optim)
+        super().__init__(optim)
+        self.model = model
         self.param_ndims = original_ndims(model)  # before any FSDP wrapping flattens them
 
     def optimizer(self, total_steps: int) -> dict:
@@ -79,9 +55,6 @@ class DenseTask(L.LightningModule):
     def configure_optimizers(self):
         return self.optimizer(int(self.trainer.estimated_stepping_batches))
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))
-
 
 class SemanticSegmentation(DenseTask):
     def __init__(self, model: UPerNet, optim: dict, eval_mode: str = "slide", eval_stride: int | None = None,
@@ -95,7 +68,6 @@ class SemanticSegmentation(DenseTask):
         k = model.num_classes
         self.miou = MulticlassJaccardIndex(k, ignore_index=IGNORE, average="macro")
         self.acc = MulticlassAccuracy(k, ignore_index=IGNORE, average="micro")
-        self.first_loss = self.last_loss = None
         self.val_results: dict = {}
         self.val_step = -1
         self.compile_model = compile_model
@@ -122,11 +94,7 @@ class SemanticSegmentation(DenseTask):
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         loss = segmentation_loss(self.train_forward(x), y, self.aux_weight)
-        value = check_finite(loss, self, "segmentation", "lower segment.base_lr or check the data")
-        self.first_loss = value if self.first_loss is None else self.first_loss
-        self.last_loss = value
-        self.log("train/loss", loss.detach(), prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+        self.record_loss(loss, "segmentation", "lower segment.lr or check the data")
         return loss
 
     # ---------------------------------------------------------------------------------------------- inference

@@ -1,4 +1,5 @@
-"""What every training module does around its step: stop on a non-finite loss, clip and log the gradient norm."""
+"""What every training module does around its step: stop on a non-finite loss on every rank, keep the first and last
+loss (the first one across a resume), log the loss and the lr, clip and log the gradient norm."""
 from __future__ import annotations
 
 import math
@@ -8,6 +9,8 @@ import lightning as L
 import torch
 
 from fdlight.errors import FDLightError
+
+FIRST_LOSS_KEY = "fdlight_first_loss"
 
 
 def check_finite(loss: torch.Tensor, module: L.LightningModule, what: str, fix: str) -> float:
@@ -44,3 +47,35 @@ def clip_gradients(module: L.LightningModule, optimizer, max_norm) -> None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, limit)
     module.log("train/grad_norm", norm)
+
+
+class TrainingModule(L.LightningModule):
+    """The base of fdlight's LightningModules. `optim` is the stage's optimizer settings; its `clip_grad` (none: no
+    limit) bounds the global gradient norm. Subclasses pass each training loss through `record_loss`."""
+
+    def __init__(self, optim: dict):
+        super().__init__()
+        self.optim_cfg = dict(optim)
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+
+    def record_loss(self, loss: torch.Tensor, what: str, fix: str) -> float:
+        """Stop on a non-finite `what` loss (`fix` says what to change), keep it as the last (and maybe first) loss,
+        log it and the current lr."""
+        value = check_finite(loss, self, what, fix)
+        if self.first_loss is None:
+            self.first_loss = value
+        self.last_loss = value
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+        return value
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        clip_gradients(self, optimizer, self.optim_cfg.get("clip_grad"))
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[FIRST_LOSS_KEY] = self.first_loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # fd_first_loss: the key of distillation checkpoints written before the modules shared one
+        self.first_loss = checkpoint.get(FIRST_LOSS_KEY, checkpoint.get("fd_first_loss"))
