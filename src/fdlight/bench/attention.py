@@ -13,6 +13,7 @@ import time
 import torch
 
 from fdlight.diagnostics.attention import attention_statistics, summarize_layers
+from fdlight.models.factory import create_model
 
 
 def main(argv=None) -> int:
@@ -24,11 +25,9 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench.attention: skipped, no CUDA GPU is visible")
         return 0
-    import timm
-
     device = torch.device("cuda")
     torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False).to(device).eval()
+    model = create_model(args.model).to(device).eval()
     images = torch.randn(args.images, 3, *model.pretrained_cfg["input_size"][1:], device=device)
     attention_statistics(model, [images[: args.batch]])  # warm-up: kernels, allocator
     torch.cuda.synchronize()

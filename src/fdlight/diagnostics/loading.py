@@ -29,8 +29,9 @@ from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fdlight.diagnostics.attention import check_has_attention
 from fdlight.errors import FDLightError, check
 from fdlight.models.exports import load_segmenter
+from fdlight.models.factory import create_model
 from fdlight.models.layout import timm_layout
-from fdlight.models.students import build_student, student_layout
+from fdlight.models.students import build_student
 from fdlight.models.teachers import build_teacher
 from fdlight.models.weights import (
     read_export_metadata,
@@ -166,8 +167,6 @@ def _is_fdlight_export(path: Path) -> bool:
 
 
 def exported_subject(path: Path, name: str) -> Subject:
-    import timm
-
     meta = _read_metadata(path)
     if meta.get("task") == "segment":  # UPerNet of stage=segment: diagnose its (pruned) timm backbone
         try:
@@ -181,7 +180,7 @@ def exported_subject(path: Path, name: str) -> Subject:
                        info={"timm_model": meta.get("backbone_model"), "stage": "segment"})
     kwargs = dict(meta["timm_kwargs"])
     try:
-        model = timm.create_model(meta["timm_model"], pretrained=False, **kwargs)
+        model = create_model(meta["timm_model"], **kwargs)
     except Exception as e:  # noqa: BLE001 - an unknown name or kwargs from another timm version
         raise FDLightError(f"timm cannot build {meta['timm_model']!r} from the metadata of {path} "
                            f"({type(e).__name__}: {e}); check the timm version") from e
@@ -237,15 +236,9 @@ def ckpt_subject(path: Path, name: str) -> Subject:
                          "teacher": str(run.config.teacher.name)})
 
 
-def build_fd_module(subject: Subject):
+def build_fd_module(subject: Subject) -> FeatureDistillation:
     """The FeatureDistillation module of a distilled student: its rebuilt teacher, its projector, its loss settings."""
-    rcfg = subject.run.config
-    teacher = build_teacher(rcfg.teacher, drop_path=0.0, seed=int(rcfg.get("seed", 0)))
-    d = rcfg.distill
-    module = FeatureDistillation(subject.model, student_layout(rcfg.student, subject.model), teacher, optim={},
-                                 whitening=rcfg.whitening.name, whitening_eps=rcfg.whitening.eps,
-                                 loss_beta=d.loss_beta, include_prefix_tokens=d.include_prefix_tokens,
-                                 teacher_resize=d.teacher_resize)
+    module = FeatureDistillation.from_config(subject.run.config, student=subject.model, train=False)
     _load_strict(module.projector, subject.run.projector, subject.source, "the distillation projector")
     return module
 

@@ -7,12 +7,11 @@ There are no published FD weights: load a distilled student with `checkpoint_pat
 """
 from __future__ import annotations
 
-from importlib import resources
-
 import torch.nn as nn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from timm.models import register_model
 
+from fdlight.config import group_config
 from fdlight.errors import check
 from fdlight.models.students import build_student
 
@@ -25,10 +24,8 @@ TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")  # what ti
 
 
 def student_config(name: str) -> DictConfig:
-    """A shipped student config (conf/student/<name>.yaml), interpolations resolved."""
-    cfg = OmegaConf.load(str(resources.files("fdlight.conf").joinpath("student", f"{name}.yaml")))
-    OmegaConf.resolve(cfg)
-    return cfg
+    """A shipped student config (conf/student/<name>.yaml) as Hydra composes it."""
+    return group_config("student", name)
 
 
 def build_registered(name: str, pretrained: bool = False, **kwargs) -> nn.Module:

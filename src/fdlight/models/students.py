@@ -11,7 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 from fdlight.errors import FDLightError, check
 from fdlight.models.factory import create_model
 from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
-from fdlight.models.patch_embed import gemm_patch_embed
 
 
 INITS = ("fd", "timm")  # the official FD init of the student's family, or timm's own
@@ -44,7 +43,6 @@ def build_student(cfg: DictConfig, drop_path: float = 0.0, num_classes: int | No
                          **kwargs)
     if init == "fd" and not _on_meta(model):
         fd_init(model)
-    gemm_patch_embed(model)
     return model
 
 
@@ -93,7 +91,7 @@ def fd_vit_init(model: nn.Module, std: float = 0.02) -> None:
 
 @torch.no_grad()
 def fd_swinv2_init(model: nn.Module, std: float = 0.02, post_norm: float = 1e-5) -> None:
-    """The official FD SwinV2 init (fd-method.md §1.2): Linear/Conv2d weights from a normal of std 0.02 cut at +-2
+    """The official FD SwinV2 init (docs/method.md §1.2): Linear/Conv2d weights from a normal of std 0.02 cut at +-2
     (absolute, so in effect uncut), zero biases; attn.proj and mlp.fc2 of the k-th block counted over all stages
     divided by sqrt(2k); the res-post-norms (norm1, norm2 of every block) at weight 1e-5, bias 0. The patch
     embedding is included (timm leaves it at PyTorch's default), other LayerNorms and the attention's own

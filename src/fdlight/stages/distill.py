@@ -36,31 +36,6 @@ def students_with_grid(grid: int) -> list[str]:
             if (lambda c: int(c.img_size) // int(c.patch_size))(group_config("student", name)) == grid]
 
 
-def build_module(cfg: DictConfig) -> FeatureDistillation:  # TEMPORARY until FeatureDistillation.from_config lands
-    import torch
-    from fdlight.models.attention import set_attention
-    from fdlight.models.drop_path import set_drop_path_mode
-    from fdlight.models.students import build_student, student_layout
-    from fdlight.models.teachers import build_teacher
-    dp_student, dp_teacher = float(cfg.drop_path.student), float(cfg.drop_path.teacher)
-    teacher = build_teacher(cfg.teacher, drop_path=dp_teacher, seed=cfg.seed)
-    student = build_student(cfg.student, drop_path=dp_student)
-    set_drop_path_mode(student, cfg.drop_path.mode)
-    set_attention(student, cfg.trainer.attention)
-    d = cfg.distill
-    module = FeatureDistillation(
-        student, student_layout(cfg.student, student), teacher,
-        optim=dict(batch_size=d.batch_size, base_lr=d.base_lr, warmup_lr=d.warmup_lr, min_lr=d.min_lr,
-                   warmup_epochs=d.warmup_epochs, epochs=d.epochs, weight_decay=d.weight_decay,
-                   betas=list(d.betas), clip_grad=d.clip_grad),
-        whitening=cfg.whitening.name, whitening_eps=cfg.whitening.eps, loss_beta=d.loss_beta,
-        include_prefix_tokens=d.include_prefix_tokens, teacher_resize=d.teacher_resize,
-        no_decay_keywords=cfg.student.no_decay_keywords, teacher_drop_path=dp_teacher > 0)
-    if cfg.trainer.compile:
-        module.distill_loss = torch.compile(module._distill_loss)
-    return module
-
-
 class Distill(TrainingStage):
     name = "distill"
     weights_prefix = "student."
@@ -80,7 +55,7 @@ class Distill(TrainingStage):
         data = ClassificationData(cfg.data, cfg.distill.batch_size,
                                   fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale))
         data.setup()  # a bad data root fails before any model is built
-        module = build_module(cfg)
+        module = FeatureDistillation.from_config(cfg, compile=bool(cfg.trainer.compile))
         return Training(module, data, wrap_classes=block_classes(cfg.student), validate=False)
 
     def describe(self, cfg: DictConfig, built: Training) -> dict:
@@ -105,4 +80,4 @@ run = STAGE.run
 def build_distillation(cfg: DictConfig) -> FeatureDistillation:
     """The checked LightningModule of a config, as a run builds it (for benchmarks and notebooks)."""
     STAGE.validate(cfg)
-    return build_module(cfg)
+    return FeatureDistillation.from_config(cfg, compile=bool(cfg.trainer.compile))
