@@ -15,24 +15,12 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from fdlight.data.ade20k import ADE20K
+from fdlight.data.annotations import IGNORE, reduce_zero_label
+from fdlight.data.coco import CocoDetection
 from fdlight.data.synthetic import make_scene
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
-
-IGNORE = 255
-
-
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """ADE20K's rule: 0 ("other") is ignored, class k >= 1 becomes k - 1."""
-    out = label.astype(np.int16) - 1
-    out[label == 0] = IGNORE
-    return out.astype(np.uint8)
-
-
-def name_some(names: list[str], limit: int = 3) -> str:
-    """The first few names of a list, for error messages."""
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
 
 def collate_lists(batch):
     """Batches of differently sized samples: a tuple of images and a tuple of targets."""
@@ -231,8 +219,6 @@ class SegmentationData(_DenseData):
             self.val_set = SyntheticSegmentation("val", c.num_val, c.raw_size, c.num_classes, c.seed,
                                                  self.eval_transform)
         elif c.name == "ade20k":
-            from fdlight.data.ade20k import ADE20K
-
             opts = dict(num_classes=c.num_classes, reduce_zero_label=c.reduce_zero_label)
             self.train_set = ADE20K(c.root, "training", self.train_transform, **opts)
             self.val_set = ADE20K(c.root, "validation", self.eval_transform, **opts)
@@ -276,8 +262,6 @@ class DetectionData(_DenseData):
             self.val_set = SyntheticDetection("val", c.num_val, c.raw_size, c.num_classes, c.seed,
                                               self.eval_transform)
         elif c.name == "coco":
-            from fdlight.data.coco import CocoDetection
-
             self.train_set = CocoDetection(c.root, "train", self.train_transform, empty_images=c.empty_images,
                                            train=True)
             self.val_set = CocoDetection(c.root, "val", self.eval_transform, empty_images="keep", train=False)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from fdlight.data.dense import IGNORE
+from fdlight.data.annotations import IGNORE
 from fdlight.errors import FDLightError
 from fdlight.models.upernet import UPerNet, segmentation_loss
 from fdlight.modules.guards import check_finite, clip_gradients
