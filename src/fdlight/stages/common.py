@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdlight.errors import FDLightError, check
 from fdlight.models.weights import atomic_write_text
+from fdlight.modules.seeding import SeededSteps
 
 RUN_MARKERS = ("checkpoints", "metrics.json", "config.yaml", "student.safetensors", "model.safetensors")
 
@@ -186,7 +187,7 @@ def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbac
         strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
         max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)),
         accumulate_grad_batches=int(t.accumulate_grad_batches),
-        logger=build_logger(cfg, run_dir), callbacks=[ckpt, ProgressBar(), *callbacks],
+        logger=build_logger(cfg, run_dir), callbacks=[ckpt, ProgressBar(), SeededSteps(cfg.seed), *callbacks],
         log_every_n_steps=int(stage_cfg.get("log_every_n_steps", 10)),
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, check_val_every_n_epoch=val_every,
         default_root_dir=str(run_dir), enable_model_summary=False,

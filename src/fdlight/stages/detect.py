@@ -119,7 +119,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 def train_detection(cfg: DictConfig, run_dir: Path) -> dict:
     s = cfg.detect
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    data = DetectionData(cfg.data, s.batch_size, s.img_size, s.scale_range, s.eval_batch_size)
+    data = DetectionData(cfg.data, s.batch_size, s.img_size, s.scale_range, s.eval_batch_size, seed=cfg.seed)
     data.setup()
     module, arch, kwargs, head = build_detection(cfg, s, data.num_classes)
     trainer, meter, _, wall = timed_fit(cfg, s, run_dir, module, data, fit_and_validate)  # after the checks above

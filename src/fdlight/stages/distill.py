@@ -81,7 +81,7 @@ def _run(cfg: DictConfig, run_dir: Path) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     resume = check_run_dir(cfg, run_dir)
     data = ClassificationData(cfg.data, cfg.distill.batch_size,
-                              fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale))
+                              fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale), seed=cfg.seed)
     data.setup()  # a bad data root fails before any model is built
     module = build_distillation(cfg)
     meter = Throughput()

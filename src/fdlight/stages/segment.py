@@ -202,7 +202,7 @@ def train_segmentation(cfg: DictConfig, run_dir: Path) -> dict:
     s = cfg.segment
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = SegmentationData(cfg.data, s.batch_size, s.crop_size, s.ratio_range, s.cat_max_ratio, s.photometric,
-                            s.eval_batch_size)
+                            s.eval_batch_size, seed=cfg.seed)
     data.setup()
     # The recipe's SyncBN (statistics over the whole batch) on several GPUs; PyTorch has it for CUDA only, so
     # processes on CPUs keep their own statistics.
