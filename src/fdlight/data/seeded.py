@@ -20,7 +20,7 @@ import random
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 SAMPLE, ORDER, STEP = 0, 1, 2  # independent streams drawn from one run seed
 
@@ -66,7 +66,11 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        with seeded_globals(derived_seed(self.seed, SAMPLE, epoch, index)):
+        seed = derived_seed(self.seed, SAMPLE, epoch, index)
+        if get_worker_info() is not None:  # a data worker's generators serve its samples alone: no state to keep
+            seed_globals(seed, cuda=False)
+            return self.dataset[index]
+        with seeded_globals(seed):
             return self.dataset[index]
 
 
