@@ -3,6 +3,7 @@ resume=true ends with the same weights, bit for bit, as the same run left alone;
 samples, a seeded epoch order that continues where the loop stopped, a loader that starts when asked for a batch)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -39,6 +40,12 @@ def train(args, run_dir: Path, env=None) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+def kill_session(pid: int) -> None:
+    """SIGKILL what is left of the session `pid` leads (data workers, DDP ranks)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
 def kill_when(args, run_dir: Path, ready, env=None) -> int:
     """Start `python -m fdlight ARGS`, SIGKILL it as soon as its last checkpoint's step satisfies `ready`, and return
     the step of the checkpoint it leaves behind. The processes it started (data workers, DDP ranks) are killed with
@@ -54,12 +61,12 @@ def kill_when(args, run_dir: Path, ready, env=None) -> int:
         step = checkpoint_step(last)
         if step is not None and ready(step):
             os.kill(proc.pid, signal.SIGKILL)
+            kill_session(proc.pid)  # before the main process is reaped, so its group id cannot be reused
             assert proc.wait() == -signal.SIGKILL
-            os.killpg(proc.pid, signal.SIGKILL)  # its session: what the main process started
             assert not (run_dir / "metrics.json").exists()
             return checkpoint_step(last)
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_session(proc.pid)
     raise AssertionError(f"the run ended (exit code {proc.wait()}) or ran out of time before it could be killed")
 
 
