@@ -94,7 +94,7 @@ class EpochSampler(DistributedSampler):
         """This process's indices of epoch `epoch`, in order."""
         g = torch.Generator().manual_seed(derived_seed(self.seed, ORDER, epoch))
         indices = torch.randperm(len(self.dataset), generator=g).tolist()
-        indices = (indices * math.ceil(self.total_size / len(indices)))[:self.total_size]
+        indices = (indices * math.ceil(self.total_size / len(indices)))[:self.total_size]  # DDP ranks step together
         return indices[self.rank:self.total_size:self.num_replicas]
 
     def __iter__(self):
@@ -131,7 +131,7 @@ class DeferredLoader(DataLoader):
 
 def batches_drawn(trainer) -> int:
     """Training batches this process's fit loop has drawn so far; Lightning saves the count in every checkpoint and
-    restores it before the training data loader is built."""
+    restores it before the first batch of a resumed run is drawn."""
     return trainer.fit_loop.epoch_loop.batch_progress.total.ready
 
 
