@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fdlight.data.dense import IGNORE, name_some, reduce_zero_label
+from fdlight.data.annotations import IGNORE, name_some, reduce_zero_label
 from fdlight.errors import FDLightError, check
 
 RELEASE = "ADEChallengeData2016"

@@ -8,14 +8,18 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from fdlight.data.folders import SafeImageFolder, class_folder
+from fdlight.data.seeded import training_loader
 from fdlight.data.synthetic import SyntheticClassification
 from fdlight.errors import FDLightError, check
 
 
 class ClassificationData(L.LightningDataModule):
-    def __init__(self, cfg: DictConfig, batch_size: int, train_transform, val_transform=None, with_val: bool = False):
+    """`seed` (the run's) fixes the training order and every sample's augmentation (fdlight.data.seeded)."""
+
+    def __init__(self, cfg: DictConfig, batch_size: int, train_transform, val_transform=None, with_val: bool = False,
+                 seed: int = 0):
         super().__init__()
-        self.cfg, self.batch_size, self.with_val = cfg, batch_size, with_val
+        self.cfg, self.batch_size, self.with_val, self.seed = cfg, batch_size, with_val, int(seed)
         self.train_transform, self.val_transform = train_transform, val_transform
         self.train_set = self.val_set = None
 
@@ -60,14 +64,13 @@ class ClassificationData(L.LightningDataModule):
     def skipped_images(self) -> int:
         return sum(getattr(s, "skipped", 0) for s in (self.train_set, self.val_set) if s is not None)
 
-    def _loader(self, dataset, train: bool) -> DataLoader:
-        workers = int(self.cfg.num_workers)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=train, drop_last=train,
-                          num_workers=workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=workers > 0)
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
+        return training_loader(self.train_set, self.batch_size, self.seed, int(self.cfg.num_workers), self.trainer,
+                               pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False) if self.val_set is not None else []
+        if self.val_set is None:
+            return []
+        workers = int(self.cfg.num_workers)
+        return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fdlight.data.dense import name_some
+from fdlight.data.annotations import name_some
 from fdlight.errors import FDLightError, check
 
 

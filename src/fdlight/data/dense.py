@@ -15,23 +15,13 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
+from fdlight.data.ade20k import ADE20K
+from fdlight.data.annotations import IGNORE, reduce_zero_label
+from fdlight.data.coco import CocoDetection
+from fdlight.data.seeded import training_loader
 from fdlight.data.synthetic import make_scene
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
-
-from fdlight.constants import IGNORE
-
-
-def reduce_zero_label(label: np.ndarray) -> np.ndarray:
-    """ADE20K's rule: 0 ("other") is ignored, class k >= 1 becomes k - 1."""
-    out = label.astype(np.int16) - 1
-    out[label == 0] = IGNORE
-    return out.astype(np.uint8)
-
-
-def name_some(names: list[str], limit: int = 3) -> str:
-    """The first few names of a list, for error messages."""
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def collate_lists(batch):
@@ -190,9 +180,12 @@ class SyntheticDetection:
 
 # ------------------------------------------------------------------------------------------------- DataModules
 class _DenseData(L.LightningDataModule):
-    def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int):
+    """`seed` (the run's) fixes the training order and every sample's augmentation (fdlight.data.seeded)."""
+
+    def __init__(self, cfg: DictConfig, batch_size: int, eval_batch_size: int, seed: int = 0):
         super().__init__()
         self.cfg, self.batch_size, self.eval_batch_size = cfg, int(batch_size), int(eval_batch_size)
+        self.seed = int(seed)
         self.train_set = self.val_set = None
 
     def _check_size(self) -> None:
@@ -200,11 +193,15 @@ class _DenseData(L.LightningDataModule):
             raise FDLightError(f"the training set has {len(self.train_set)} images, fewer than one batch of "
                                f"{self.batch_size}; lower the stage's batch_size or add images")
 
-    def _loader(self, dataset, train: bool, collate=None) -> DataLoader:
+    def _train_loader(self, collate=None) -> DataLoader:
+        return training_loader(self.train_set, self.batch_size, self.seed, int(self.cfg.num_workers), self.trainer,
+                               collate_fn=collate, pin_memory=torch.cuda.is_available())
+
+    def _eval_loader(self) -> DataLoader:
         workers = int(self.cfg.num_workers)
-        return DataLoader(dataset, batch_size=self.batch_size if train else self.eval_batch_size, shuffle=train,
-                          drop_last=train, num_workers=workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=workers > 0, collate_fn=collate)
+        return DataLoader(self.val_set, batch_size=self.eval_batch_size, num_workers=workers,
+                          pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                          collate_fn=collate_lists)
 
 
 class SegmentationData(_DenseData):
@@ -212,8 +209,8 @@ class SegmentationData(_DenseData):
     tuples of images (short side = crop) and full-resolution labels."""
 
     def __init__(self, cfg: DictConfig, batch_size: int, crop_size: int, ratio_range=(0.5, 2.0),
-                 cat_max_ratio: float = 0.75, photometric: bool = True, eval_batch_size: int = 1):
-        super().__init__(cfg, batch_size, eval_batch_size)
+                 cat_max_ratio: float = 0.75, photometric: bool = True, eval_batch_size: int = 1, seed: int = 0):
+        super().__init__(cfg, batch_size, eval_batch_size, seed)
         self.train_transform = SegmentationTrainTransform(crop_size, ratio_range, cat_max_ratio, photometric)
         self.eval_transform = SegmentationEvalTransform(crop_size)
 
@@ -231,8 +228,6 @@ class SegmentationData(_DenseData):
             self.val_set = SyntheticSegmentation("val", c.num_val, c.raw_size, c.num_classes, c.seed,
                                                  self.eval_transform)
         elif c.name == "ade20k":
-            from fdlight.data.ade20k import ADE20K
-
             opts = dict(num_classes=c.num_classes, reduce_zero_label=c.reduce_zero_label)
             self.train_set = ADE20K(c.root, "training", self.train_transform, **opts)
             self.val_set = ADE20K(c.root, "validation", self.eval_transform, **opts)
@@ -241,18 +236,18 @@ class SegmentationData(_DenseData):
         self._check_size()
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True)
+        return self._train_loader()
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, collate_lists)
+        return self._eval_loader()
 
 
 class DetectionData(_DenseData):
     """Instance detection and segmentation: synthetic scenes or COCO, as fixed-size squares (large-scale jitter)."""
 
     def __init__(self, cfg: DictConfig, batch_size: int, img_size: int, scale_range=(0.1, 2.0),
-                 eval_batch_size: int = 1):
-        super().__init__(cfg, batch_size, eval_batch_size)
+                 eval_batch_size: int = 1, seed: int = 0):
+        super().__init__(cfg, batch_size, eval_batch_size, seed)
         self.train_transform = LargeScaleJitter(img_size, scale_range, train=True)
         self.eval_transform = LargeScaleJitter(img_size, train=False)
 
@@ -276,8 +271,6 @@ class DetectionData(_DenseData):
             self.val_set = SyntheticDetection("val", c.num_val, c.raw_size, c.num_classes, c.seed,
                                               self.eval_transform)
         elif c.name == "coco":
-            from fdlight.data.coco import CocoDetection
-
             self.train_set = CocoDetection(c.root, "train", self.train_transform, empty_images=c.empty_images,
                                            train=True)
             self.val_set = CocoDetection(c.root, "val", self.eval_transform, empty_images="keep", train=False)
@@ -299,7 +292,7 @@ class DetectionData(_DenseData):
                 "empty_images_val": self.val_set.empty_images}
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, True, collate_lists)
+        return self._train_loader(collate_lists)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, False, collate_lists)
+        return self._eval_loader()

@@ -117,9 +117,12 @@ class FineTune(Classifier):
         self.record_loss(loss, "training", self.loss_fix)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The update, then the weight average's: here rather than in on_train_batch_end, so that a checkpoint saved
+        at the end of the batch (callbacks run before the module's hook) holds the average of this step too."""
+        super().optimizer_step(*args, **kwargs)
         if self.ema is not None:
-            self.ema.update(self.model, step=self.global_step)
+            self.ema.update(self.model, step=self.global_step + 1)  # global_step counts this step once we return
 
     def validation_step(self, batch, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)

@@ -1,5 +1,6 @@
-"""The callbacks every training run has: a progress bar a log file can hold, the images-per-second meter, and the
-checkpoint of the final step."""
+"""The callbacks every training run has: a progress bar, the images-per-second meter, the checkpoint (of the final
+step too), and the training step's randomness as a function of where the run is (fdlight.data.seeded does the same
+for the data)."""
 from __future__ import annotations
 
 import time
@@ -7,6 +8,9 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+
+from fdlight.data.seeded import STEP, derived_seed, seed_globals
+
 
 
 class ProgressBar(RichProgressBar):
@@ -59,3 +63,17 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last_global_step_saved != trainer.global_step or not self._last_checkpoint_saved:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class SeededSteps(Callback):
+    """Seeds torch's (CPU and GPU), numpy's and Python's global generators at the start of every training batch from
+    (run seed, epoch, batch index, process rank). Drop path, Mixup/CutMix (numpy and Python `random`), dropout and
+    the detector's proposal sampling then draw what the batch's place in the run decides, not what ran before it,
+    so a run resumed from a checkpoint draws exactly what an uninterrupted one would; the ranks of a DDP run draw
+    differently."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        seed_globals(derived_seed(self.seed, STEP, trainer.current_epoch, batch_idx, trainer.global_rank))

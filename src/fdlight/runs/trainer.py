@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdlight.artifacts import save_torch
 from fdlight.errors import FDLightError, check
-from fdlight.runs.callbacks import ProgressBar, RunCheckpoint
+from fdlight.runs.callbacks import ProgressBar, RunCheckpoint, SeededSteps
 
 
 def on_gpu(trainer_cfg: DictConfig) -> bool:
@@ -110,7 +110,7 @@ def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbac
         strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
         max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)),
         accumulate_grad_batches=int(t.accumulate_grad_batches),
-        logger=build_logger(cfg, run_dir), callbacks=[ckpt, ProgressBar(), *callbacks],
+        logger=build_logger(cfg, run_dir), callbacks=[ckpt, ProgressBar(), SeededSteps(cfg.seed), *callbacks],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=int(stage_cfg.get("log_every_n_steps", 10)),
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, check_val_every_n_epoch=val_every,

@@ -65,7 +65,7 @@ class Detect(DenseStage):
 
     def build(self, cfg: DictConfig) -> Training:
         s = cfg.detect
-        data = DetectionData(cfg.data, s.batch_size, s.img_size, s.scale_range, s.eval_batch_size)
+        data = DetectionData(cfg.data, s.batch_size, s.img_size, s.scale_range, s.eval_batch_size, seed=cfg.seed)
         data.setup()
         module, arch, kwargs, head = build_detection(cfg, s, data.num_classes)
         return Training(module, data, extra=dict(arch=arch, kwargs=kwargs, head=head))

@@ -53,7 +53,7 @@ class Distill(TrainingStage):
 
     def build(self, cfg: DictConfig) -> Training:
         data = ClassificationData(cfg.data, cfg.distill.batch_size,
-                                  fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale))
+                                  fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale), seed=cfg.seed)
         data.setup()  # a bad data root fails before any model is built
         module = FeatureDistillation.from_config(cfg, compile=bool(cfg.trainer.compile))
         return Training(module, data, wrap_classes=block_classes(cfg.student), validate=False)

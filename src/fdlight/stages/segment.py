@@ -62,7 +62,7 @@ class Segment(DenseStage):
     def build(self, cfg: DictConfig) -> Training:
         s = cfg.segment
         data = SegmentationData(cfg.data, s.batch_size, s.crop_size, s.ratio_range, s.cat_max_ratio, s.photometric,
-                                s.eval_batch_size)
+                                s.eval_batch_size, seed=cfg.seed)
         data.setup()
         module, arch, kwargs, head = build_segmentation(cfg, s, data.num_classes)
         if self.sync_bn(cfg):
