@@ -162,6 +162,29 @@ def test_layouts_are_recognised_by_their_keys(vit, swin, vit_classifier, tmp_pat
     assert official.detect_layout(plain_vit) is None  # a teacher's ViT: no relative position bias
 
 
+@pytest.mark.parametrize("name", ["vit_b16", "vit_l14", "swinv2_b"])
+def test_the_releases_full_size_shapes_match_the_shipped_student_configs(name):
+    from fdlight.config import group_config
+
+    cfg = group_config("student", name)
+    for distilled in (True, False):
+        kwargs = student_kwargs(cfg)
+        if not distilled:  # the fine-tuned classifier: per-block bias, mean pooling, 1000 classes
+            kwargs["num_classes"] = 1000
+            if cfg.model.startswith("beit"):
+                kwargs.update(use_shared_rel_pos_bias=False, use_rel_pos_bias=True, global_pool="avg")
+        with torch.device("meta"):  # shapes only, no memory
+            model = timm.create_model(cfg.model, **kwargs)
+        sd = with_buffers(model)
+        sd = official_swin_names(sd) if name.startswith("swin") else sd
+        if distilled:
+            sd = {f"encoder.{k}": v for k, v in sd.items()}
+            sd["decoder.0.weight"] = torch.empty(1024, model.num_features, 1, device="meta")
+        converted = official.convert(wrapped(sd), name)
+        match = official.match_student(converted, official.shipped_students())
+        assert converted.layout.distilled == distilled and match.student == name and match.kwargs == kwargs
+
+
 def test_official_vit_distillation_checkpoint_fine_tunes_like_the_export(vit, batch, tmp_path):
     for pool in ("avg", "token"):
         from_official, arch = build_from_pretrained(vit["official"], num_classes=10, pool=pool)

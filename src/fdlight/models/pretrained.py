@@ -19,8 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from fdlight.errors import FDLightError, check
 from fdlight.models import official
 from fdlight.models.patch_embed import gemm_patch_embed
-from fdlight.models.weights import (ADAPTERS, classifier_prefixes, load_timm_state_dict, read_export_metadata,
-                                    read_state_dict)
+from fdlight.models.weights import (ADAPTERS, classifier_prefixes, is_torchscript, load_timm_state_dict,
+                                    read_export_metadata, read_state_dict)
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 
@@ -44,7 +44,7 @@ def architecture_of(path: str | Path, teacher_cfg: DictConfig | None = None,
         meta = read_export_metadata(path)
         if "timm_model" in meta:
             return Architecture(meta["timm_model"], dict(meta["timm_kwargs"]))
-    raw = read_state_dict(path, mmap=True)
+    raw = {} if is_torchscript(path) else read_state_dict(path, mmap=True)  # OpenAI's CLIP files are never official
     converted = official.convert(raw, path)
     if converted is not None:
         return official_architecture(converted, path, student_cfg)
