@@ -186,10 +186,10 @@ def official_subject(path: Path, cfg: DictConfig, name: str) -> Subject | None:
     _load_strict(model, converted.student, path, f"{match.timm_model} ({converted.layout})")
     run = official_run(cfg, match, converted) if converted.projector is not None else None
     kind = "distilled student" if converted.layout.distilled else "fine-tuned" if converted.num_classes else "model"
+    stage = "distill" if converted.layout.distilled else "finetune"
     return Subject(name, str(path), kind, model, _img_size(model), num_classes=converted.num_classes, run=run,
-                   info={"timm_model": match.timm_model, "stage": "distill" if converted.layout.distilled else None,
-                         "layout": converted.layout.name, "student": match.student,
-                         "teacher": converted.teacher})
+                   info={"timm_model": match.timm_model, "stage": stage, "layout": converted.layout.name,
+                         "student": match.student, "teacher": converted.teacher})
 
 
 def official_run(cfg: DictConfig, match: official.Match, converted: official.Converted) -> DistillRun:

@@ -269,7 +269,7 @@ def adapt_official(raw) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------------------------------- matching
 def file_kwargs(cfg: DictConfig, conv: Converted) -> dict:
-    """The student config's timm kwargs in the file's form: shared or per-block bias, token or mean pooling, its head."""
+    """The student config's timm kwargs in the file's form: shared or per-block bias, token or mean pooling, head."""
     from fdlight.models.students import student_kwargs
 
     kw = student_kwargs(cfg)
