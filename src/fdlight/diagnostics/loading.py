@@ -8,9 +8,14 @@ Checkpoint specs (`diagnose.checkpoints=[...]`):
                      checkpoints/last.ckpt
   <file>.safetensors written by fdlight (timm name + kwargs in its metadata; a segmentation model gives its backbone)
   <file>.ckpt        a Lightning checkpoint of stage=distill (rebuilt from the run's config.yaml)
+  an official FD checkpoint (any name; recognised by its keys, models/official.py): a distilled student with its
+                     projector, or a fine-tuned classifier; its architecture is the first student config, the
+                     config's `student` then the shipped ones, whose shapes it has
   any other .pt/.pth/.bin/.safetensors: a teacher's own weights, read with the architecture of the config's teacher
 A distilled student next to its run's config.yaml and checkpoints/last.ckpt also gets its teacher and projector back,
-so its FD loss can be evaluated.
+so its FD loss can be evaluated. An official distillation checkpoint has its projector but not its teacher: its FD
+loss is evaluated against the config's teacher (`teacher=<the config it was distilled from>`, e.g. teacher=clip_vitb),
+which must give the projector's width (and be the teacher the file's own config names, when it names one).
 """
 from __future__ import annotations
 
@@ -22,12 +27,13 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from fdlight.config import group_choices, group_config
+from fdlight.config import group_choices, group_config, section
 from fdlight.data.folders import SafeImageFolder, class_folder
 from fdlight.data.synthetic import SyntheticClassification
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fdlight.diagnostics.attention import check_has_attention
 from fdlight.errors import FDLightError, check
+from fdlight.models import official
 from fdlight.models.exports import load_segmenter
 from fdlight.models.factory import create_model
 from fdlight.models.layout import timm_layout
@@ -50,6 +56,7 @@ class DistillRun:
     config: DictConfig
     projector: dict[str, torch.Tensor]
     student_from_ckpt: dict[str, torch.Tensor] | None = None
+    teacher_named: str | None = None  # the teacher config an official checkpoint's own config names
 
 
 @dataclass
@@ -111,13 +118,14 @@ def load_subject(spec: str, cfg: DictConfig, name: str | None = None) -> Subject
                              f".ckpt file, or teacher:<config>")
         if path.is_dir():
             path = run_artifact(path)
-        if path.suffix == ".ckpt":
-            subject = ckpt_subject(path, name)
-        elif path.suffix == ".safetensors" and _is_fdlight_export(path):
+        if path.suffix == ".safetensors" and _is_fdlight_export(path):
             subject = exported_subject(path, name)
+        elif (subject := official_subject(path, cfg, name)) is not None:
+            pass
+        elif path.suffix == ".ckpt":
+            subject = ckpt_subject(path, name)
         elif path.suffix in FOREIGN_WEIGHTS:  # a teacher's own weights: the architecture comes from teacher=
-            tcfg = OmegaConf.merge(cfg.teacher, {"weights": str(path)})
-            subject = teacher_subject(tcfg, int(cfg.get("seed", 0)), name, str(path))
+            subject = foreign_subject(path, cfg, name)
         else:
             raise FDLightError(f"diagnose.checkpoints: {path} is not a checkpoint fdlight can read (expected a run "
                                f"directory, .safetensors, .ckpt, .pt, .pth or .bin)")
@@ -148,6 +156,50 @@ def _read_metadata(path: Path) -> dict:
     except Exception as e:  # noqa: BLE001 - not a safetensors file at all
         raise FDLightError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]} "
                            f"(pass a .safetensors written by fdlight, a .ckpt, or a run directory)") from e
+
+
+def foreign_subject(path: Path, cfg: DictConfig, name: str) -> Subject:
+    """A teacher's own weights; a file they do not fit either is named with every layout tried."""
+    tcfg = OmegaConf.merge(cfg.teacher, {"weights": str(path)})
+    try:
+        return teacher_subject(tcfg, int(cfg.get("seed", 0)), name, str(path))
+    except FDLightError as e:
+        if "does not fit" not in str(e):
+            raise
+        found = official.tensors_of(read_state_dict(path, mmap=True))
+        raise official.unknown_layout(path, found, f"; teacher={tcfg.name}'s own weights: {e}") from e
+
+
+def official_subject(path: Path, cfg: DictConfig, name: str) -> Subject | None:
+    """A checkpoint of the official release, rebuilt as the student config with its shapes (None: not one)."""
+    if path.suffix not in (*FOREIGN_WEIGHTS, ".ckpt"):
+        return None
+    raw = read_state_dict(path, mmap=True)
+    converted = official.convert(raw, path)
+    if converted is None:
+        return None
+    candidates = [("student", cfg.student)] if cfg.get("student") is not None else []
+    match = official.match_or_fail(converted, path, [*candidates, *official.shipped_students()],
+                                   "pass student=<config> with its shapes (e.g. student=vit_b16)")
+    model = create_model(match.timm_model, **match.kwargs)
+    _load_strict(model, converted.student, path, f"{match.timm_model} ({converted.layout})")
+    run = official_run(cfg, match, converted) if converted.projector is not None else None
+    kind = "distilled student" if converted.layout.distilled else "fine-tuned" if converted.num_classes else "model"
+    stage = "distill" if converted.layout.distilled else "finetune"
+    return Subject(name, str(path), kind, model, _img_size(model), num_classes=converted.num_classes, run=run,
+                   info={"timm_model": match.timm_model, "stage": stage, "layout": converted.layout.name,
+                         "student": match.student, "teacher": converted.teacher})
+
+
+def official_run(cfg: DictConfig, match: official.Match, converted: official.Converted) -> DistillRun:
+    """The FD objective of an official distillation checkpoint: its projector, this config's teacher and whitening,
+    the shipped distillation loss settings."""
+    rcfg = OmegaConf.create({"stage": "distill", "seed": int(cfg.get("seed", 0)),
+                             "teacher": OmegaConf.to_container(cfg.teacher, resolve=True),
+                             "student": OmegaConf.to_container(match.config, resolve=True),
+                             "whitening": OmegaConf.to_container(cfg.whitening, resolve=True),
+                             "distill": OmegaConf.to_container(section(cfg, "distill"), resolve=True)})
+    return DistillRun(rcfg, converted.projector, teacher_named=converted.teacher)
 
 
 def _img_size(model: nn.Module) -> int:
@@ -238,9 +290,22 @@ def ckpt_subject(path: Path, name: str) -> Subject:
 
 def build_fd_module(subject: Subject) -> FeatureDistillation:
     """The FeatureDistillation module of a distilled student: its rebuilt teacher, its projector, its loss settings."""
+    check_projector_teacher(subject.run, subject.source)
     module = FeatureDistillation.from_config(subject.run.config, student=subject.model, train=False)
     _load_strict(module.projector, subject.run.projector, subject.source, "the distillation projector")
     return module
+
+
+def check_projector_teacher(run: DistillRun, source: str) -> None:
+    """The teacher must be the one the projector was trained against: its width, and its name when the file says."""
+    named, teacher = run.teacher_named, run.config.teacher
+    check(named in (None, teacher.name), f"{source} was distilled from teacher {named}, not teacher={teacher.name}; "
+                                         f"pass teacher={named} for its FD loss")
+    width, dim = int(run.projector["weight"].shape[0]), teacher.get("dim")
+    check(dim is None or int(dim) == width,
+          f"the projector of {source} maps to {width} channels but teacher={teacher.name} has {dim}; pass "
+          f"teacher=<the config it was distilled from> (e.g. clip_vitb, dino_vitb, deit_vitb: 768; clip_vitl, "
+          f"esvit_swinb: 1024)")
 
 
 # ------------------------------------------------------------------------------------------------ evaluation set

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from fdlight.errors import FDLightError, check
+from fdlight.models.official import adapt_official, load_torch_file
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 
@@ -58,15 +59,16 @@ def check_readable_weights(path: str | Path, key: str = "weights") -> Path:
     return path
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a weights file: safetensors, a torch pickle (plain or wrapped), or a TorchScript archive."""
+def read_state_dict(path: str | Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a weights file: safetensors, a torch pickle (plain or wrapped), or a TorchScript archive. `mmap`
+    maps a torch zip file's tensors instead of reading them (to look at shapes only)."""
     path = check_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         if is_torchscript(path):
             return dict(torch.jit.load(str(path), map_location="cpu").state_dict())
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_torch_file(path, mmap=mmap and zipfile.is_zipfile(path))
     except FDLightError:
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure means the same thing to the user
@@ -91,7 +93,7 @@ def adapt_esvit(sd: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dense."))}
 
 
-ADAPTERS: dict[str | None, Callable[[dict], dict]] = {None: unwrap, "esvit": adapt_esvit}
+ADAPTERS: dict[str | None, Callable[[dict], dict]] = {None: unwrap, "esvit": adapt_esvit, "official": adapt_official}
 
 
 def mismatch_error(path, what: str, missing=(), unexpected=(), shapes=()) -> FDLightError:

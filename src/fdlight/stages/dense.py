@@ -26,7 +26,8 @@ def backbone_model(cfg: DictConfig, s: DictConfig, img_size: int, key: str) -> t
     path = s.get("pretrained")
     if path:
         model, arch = build_from_pretrained(Path(str(path)).expanduser(), num_classes=0, drop_path=drop_path,
-                                            teacher_cfg=cfg.get("teacher"), img_size=img_size)
+                                            teacher_cfg=cfg.get("teacher"), student_cfg=cfg.get("student"),
+                                            img_size=img_size)
     else:
         arch = Architecture(cfg.student.model, student_kwargs(cfg.student))
         model, arch = build_from_pretrained(None, num_classes=0, drop_path=drop_path, arch=arch, img_size=img_size)

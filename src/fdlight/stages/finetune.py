@@ -66,8 +66,8 @@ def build_classifier(cfg: DictConfig, num_classes: int) -> tuple[nn.Module, Arch
         arch = scratch_architecture(cfg, f.scratch)
         model, arch = build_from_pretrained(None, num_classes, drop_path, arch=arch, pool=pool, **overrides)
     else:
-        model, arch = build_from_pretrained(path, num_classes, drop_path, teacher_cfg=cfg.teacher, pool=pool,
-                                            **overrides)
+        model, arch = build_from_pretrained(path, num_classes, drop_path, teacher_cfg=cfg.teacher,
+                                            student_cfg=cfg.student, pool=pool, **overrides)
         if f.get("keep_head"):
             load_head(model, path, arch, num_classes)
     kwargs = downstream_kwargs(arch, num_classes, drop_path, pool, **overrides)

@@ -35,7 +35,8 @@ class Linear(ClassificationStage):
         path = Path(str(c.pretrained)).expanduser()
         overrides = {"img_size": int(c.img_size)} if c.get("img_size") else {}
         backbone, arch = build_from_pretrained(path, num_classes=0, drop_path=0.0, teacher_cfg=cfg.teacher,
-                                               pool=c.get("global_pool") or "", **overrides)
+                                               student_cfg=cfg.student, pool=c.get("global_pool") or "",
+                                               **overrides)
         img_size = timm_layout(backbone).img_size
         data.set_transforms(linear_train_transform(img_size, c.min_scale), eval_transform(img_size, c.crop_pct))
         module = LinearProbe(backbone, data.num_classes, optim_dict(c))
