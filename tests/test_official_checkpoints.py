@@ -257,7 +257,8 @@ def test_convert_writes_the_export_a_distill_run_writes(vit, batch, tmp_path):
     meta = read_export_metadata(out)
     model = timm.create_model(meta["timm_model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(out)),
                               **meta["timm_kwargs"])
-    own = load_subject(str(vit["export"]), compose([*TINY, *DIAGNOSE])).model
+    own = timm.create_model(want["timm_model"], pretrained=True, pretrained_cfg_overlay=dict(file=str(vit["export"])),
+                            **want["timm_kwargs"])  # plain timm on both sides: the same patch convolution
     assert (features(model, batch) - features(own, batch)).abs().max().item() == 0.0
 
 
@@ -299,7 +300,7 @@ def test_official_fine_tuned_classifier_keeps_its_head_and_diagnoses(vit_classif
     subject = load_subject(str(vit_classifier["official"]), compose([*TINY, *DIAGNOSE]))
     assert subject.kind == "fine-tuned" and subject.num_classes == 10
     with torch.no_grad():
-        assert torch.equal(subject.model(batch), vit_classifier["plain"](batch))
+        assert torch.equal(subject.model(batch), want(batch))  # both through fdlight's model factory
     out = tmp_path / "classifier.safetensors"
     convert_main([str(vit_classifier["official"]), str(out)])
     meta = read_export_metadata(out)
