@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
-from fdlight.data.folders import SafeImageFolder, class_folder
-from fdlight.data.seeded import training_loader
-from fdlight.data.synthetic import SyntheticClassification
-from fdlight.errors import FDLightError, check
+from fdlight.data.folders import SafeImageFolder, check_root, class_folder
+from fdlight.data.seeded import check_fits_a_batch, training_loader
+from fdlight.data.synthetic import SyntheticClassification, synthetic_splits
+from fdlight.errors import FDLightError
 
 
 class ClassificationData(L.LightningDataModule):
@@ -29,29 +29,21 @@ class ClassificationData(L.LightningDataModule):
         return len(self.train_set.classes)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        c = self.cfg
+        if self.train_set is None:
+            self.train_set, self.val_set = self.splits(self.cfg)
+            check_fits_a_batch(self.train_set, self.batch_size)
+
+    def splits(self, c: DictConfig) -> tuple:
         if c.name == "synthetic":
-            self.train_set = SyntheticClassification("train", c.num_train, c.raw_size, c.num_classes, c.seed,
-                                                     self.train_transform)
-            if self.with_val:
-                self.val_set = SyntheticClassification("val", c.num_val, c.raw_size, c.num_classes, c.seed,
-                                                       self.val_transform)
-        else:
-            check(not OmegaConf.is_missing(c, "root") and bool(c.root),
-                  f"data={c.name} needs data.root=<folder holding train/<class>/<image>"
-                  f"{' and val/<class>/<image>' if self.with_val else ''}>")
-            self.train_set = SafeImageFolder(class_folder(c.root, "train"), self.train_transform, c.strict)
-            if self.with_val:
-                self.val_set = SafeImageFolder(class_folder(c.root, "val"), self.val_transform, c.strict)
-                if self.val_set.classes != self.train_set.classes:
-                    raise FDLightError(f"{c.root}/val and {c.root}/train have different class folders "
-                                       f"({len(self.val_set.classes)} vs {len(self.train_set.classes)}); use the same "
-                                       f"class names in both")
-        if len(self.train_set) < self.batch_size:
-            raise FDLightError(f"the training set has {len(self.train_set)} images, fewer than one batch of "
-                               f"{self.batch_size}; lower the stage's batch_size or add images")
+            return synthetic_splits(SyntheticClassification, c, self.train_transform, self.val_transform,
+                                    self.with_val)
+        check_root(c, self.with_val)
+        train = SafeImageFolder(class_folder(c.root, "train"), self.train_transform, c.strict)
+        val = SafeImageFolder(class_folder(c.root, "val"), self.val_transform, c.strict) if self.with_val else None
+        if val is not None and val.classes != train.classes:
+            raise FDLightError(f"{c.root}/val and {c.root}/train have different class folders ({len(val.classes)} vs "
+                               f"{len(train.classes)}); use the same class names in both")
+        return train, val
 
     def set_transforms(self, train, val=None) -> None:
         """Attach transforms after setup (a stage may need the class count before it can build them)."""

@@ -18,8 +18,8 @@ from torchvision.transforms import functional as TF
 from fdlight.data.ade20k import ADE20K
 from fdlight.data.annotations import IGNORE, reduce_zero_label
 from fdlight.data.coco import CocoDetection
-from fdlight.data.seeded import training_loader
-from fdlight.data.synthetic import make_scene
+from fdlight.data.seeded import check_fits_a_batch, training_loader
+from fdlight.data.synthetic import make_scene, synthetic_splits
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
 
@@ -188,10 +188,14 @@ class _DenseData(L.LightningDataModule):
         self.seed = int(seed)
         self.train_set = self.val_set = None
 
-    def _check_size(self) -> None:
-        if len(self.train_set) < self.batch_size:
-            raise FDLightError(f"the training set has {len(self.train_set)} images, fewer than one batch of "
-                               f"{self.batch_size}; lower the stage's batch_size or add images")
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.train_set, self.val_set = self.splits(self.cfg)
+            check_fits_a_batch(self.train_set, self.batch_size)
+
+    def splits(self, c: DictConfig) -> tuple:
+        """(train set, val set) of the data config."""
+        raise NotImplementedError
 
     def _train_loader(self, collate=None) -> DataLoader:
         return training_loader(self.train_set, self.batch_size, self.seed, int(self.cfg.num_workers), self.trainer,
@@ -218,22 +222,14 @@ class SegmentationData(_DenseData):
     def num_classes(self) -> int:
         return int(self.cfg.num_classes)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        c = self.cfg
+    def splits(self, c: DictConfig) -> tuple:
         if c.name == "synthetic":
-            self.train_set = SyntheticSegmentation("train", c.num_train, c.raw_size, c.num_classes, c.seed,
-                                                   self.train_transform)
-            self.val_set = SyntheticSegmentation("val", c.num_val, c.raw_size, c.num_classes, c.seed,
-                                                 self.eval_transform)
-        elif c.name == "ade20k":
+            return synthetic_splits(SyntheticSegmentation, c, self.train_transform, self.eval_transform)
+        if c.name == "ade20k":
             opts = dict(num_classes=c.num_classes, reduce_zero_label=c.reduce_zero_label)
-            self.train_set = ADE20K(c.root, "training", self.train_transform, **opts)
-            self.val_set = ADE20K(c.root, "validation", self.eval_transform, **opts)
-        else:
-            raise FDLightError(f"data={c.name} has no segmentation masks; use data=ade20k or data=synthetic")
-        self._check_size()
+            return (ADE20K(c.root, "training", self.train_transform, **opts),
+                    ADE20K(c.root, "validation", self.eval_transform, **opts))
+        raise FDLightError(f"data={c.name} has no segmentation masks; use data=ade20k or data=synthetic")
 
     def train_dataloader(self) -> DataLoader:
         return self._train_loader()
@@ -261,28 +257,20 @@ class DetectionData(_DenseData):
         self.setup()
         return list(self.train_set.classes)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        c = self.cfg
+    def splits(self, c: DictConfig) -> tuple:
         if c.name == "synthetic":
-            self.train_set = SyntheticDetection("train", c.num_train, c.raw_size, c.num_classes, c.seed,
-                                                self.train_transform)
-            self.val_set = SyntheticDetection("val", c.num_val, c.raw_size, c.num_classes, c.seed,
-                                              self.eval_transform)
-        elif c.name == "coco":
-            self.train_set = CocoDetection(c.root, "train", self.train_transform, empty_images=c.empty_images,
-                                           train=True)
-            self.val_set = CocoDetection(c.root, "val", self.eval_transform, empty_images="keep", train=False)
-            if self.val_set.classes != self.train_set.classes:
-                raise FDLightError(f"the train and val COCO jsons under {c.root}/annotations list different "
-                                   f"categories; use the same category list in both")
-            if c.get("num_classes") and int(c.num_classes) != len(self.train_set.classes):
-                raise FDLightError(f"data.num_classes={c.num_classes} but the COCO json has "
-                                   f"{len(self.train_set.classes)} categories; set data.num_classes=null or fix it")
-        else:
+            return synthetic_splits(SyntheticDetection, c, self.train_transform, self.eval_transform)
+        if c.name != "coco":
             raise FDLightError(f"data={c.name} has no instance annotations; use data=coco or data=synthetic")
-        self._check_size()
+        train = CocoDetection(c.root, "train", self.train_transform, empty_images=c.empty_images, train=True)
+        val = CocoDetection(c.root, "val", self.eval_transform, empty_images="keep", train=False)
+        if val.classes != train.classes:
+            raise FDLightError(f"the train and val COCO jsons under {c.root}/annotations list different "
+                               f"categories; use the same category list in both")
+        if c.get("num_classes") and int(c.num_classes) != len(train.classes):
+            raise FDLightError(f"data.num_classes={c.num_classes} but the COCO json has {len(train.classes)} "
+                               f"categories; set data.num_classes=null or fix it")
+        return train, val
 
     @property
     def image_counts(self) -> dict:

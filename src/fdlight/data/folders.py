@@ -5,6 +5,7 @@ import logging
 import multiprocessing
 from pathlib import Path
 
+from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -30,8 +31,6 @@ def class_folder(root: str | Path, split: str) -> Path:
 
 def check_root(data_cfg, with_val: bool = False) -> None:
     """A folder dataset's root is set and laid out as ImageFolder trees (train/, and val/ when `with_val`)."""
-    from omegaconf import OmegaConf
-
     c = data_cfg
     check(not OmegaConf.is_missing(c, "root") and bool(c.root),
           f"data={c.name} needs data.root=<folder holding train/<class>/<image>"

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
+from fdlight.errors import FDLightError
+
 SAMPLE, ORDER, STEP = 0, 1, 2  # independent streams drawn from one run seed
 
 
@@ -145,3 +147,10 @@ def training_loader(dataset, batch_size: int, seed: int, num_workers: int, train
     return DeferredLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=True,
                           num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                           collate_fn=collate_fn)
+
+
+def check_fits_a_batch(dataset, batch_size: int) -> None:
+    """Training drops the last partial batch: a set smaller than one batch would train on nothing."""
+    if len(dataset) < batch_size:
+        raise FDLightError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size}; lower "
+                           f"the stage's batch_size or add images")

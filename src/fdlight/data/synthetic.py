@@ -92,3 +92,9 @@ class SyntheticClassification:
         scene = make_scene(index, self.split, self.size, self.num_classes, self.seed)
         img = Image.fromarray(scene.image)
         return (self.transform(img) if self.transform else img), scene.label
+
+
+def synthetic_splits(dataset, c, train_transform, val_transform, with_val: bool = True) -> tuple:
+    """The train (and val) sets of a synthetic dataset class, sized and seeded by data.*."""
+    train = dataset("train", c.num_train, c.raw_size, c.num_classes, c.seed, train_transform)
+    return train, dataset("val", c.num_val, c.raw_size, c.num_classes, c.seed, val_transform) if with_val else None
