@@ -48,6 +48,13 @@ def _autotune(tiles: tuple[tuple[int, int, int, int], ...]):
 
 
 @triton.jit
+def _program(n_heads):
+    """This program's block along the sequence, its (batch x head) index, and that index as 64-bit (b, h) offsets."""
+    pid_bh = tl.program_id(1)
+    return tl.program_id(0), pid_bh, (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)
+
+
+@triton.jit
 def _tile(ptr, base, stride_n, offs, offs_d, n_ctx):
     """Rows `offs` (zero past n_ctx) of one (b, h)'s (N, D) slice starting at ptr + base."""
     return tl.load(ptr + base + offs[:, None] * stride_n + offs_d[None, :], mask=offs[:, None] < n_ctx, other=0.0)
@@ -83,8 +90,7 @@ def _fwd_kernel(Q, K, V, BIAS, O, LSE, n_ctx, n_heads, qk_scale,
                 sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sob, soh, son,
                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """One query block of one (b, h): the output rows and their log-sum-exp, keys streamed with an online softmax."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)  # 64-bit offsets
+    pid_m, pid_bh, b, h = _program(n_heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = _tile(Q, b * sqb + h * sqh, sqn, offs_m, offs_d, n_ctx)
@@ -114,8 +120,7 @@ def _bwd_dkdv_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DK, DV, DS, n_ctx, n_heads, 
                      sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sdb, sdh, sdn, sgb, sgh, sgn,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """One key block of one (b, h): dK, dV over every query block, and this sample's dS (its share of dBias)."""
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)  # 64-bit offsets
+    pid_n, pid_bh, b, h = _program(n_heads)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     cols = offs_n < n_ctx
@@ -146,8 +151,7 @@ def _bwd_dq_kernel(Q, K, V, BIAS, DO, LSE, DELTA, DQ, n_ctx, n_heads, qk_scale, 
                    sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sbh, sbm, sdb, sdh, sdn, sgb, sgh, sgn,
                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     """One query block of one (b, h): dQ over every key block."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-    b, h = (pid_bh // n_heads).to(tl.int64), (pid_bh % n_heads).to(tl.int64)  # 64-bit offsets
+    pid_m, pid_bh, b, h = _program(n_heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     rows = offs_m < n_ctx
