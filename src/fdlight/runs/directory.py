@@ -1,0 +1,121 @@
+"""The run directory's rules: a run directory holds one run; `resume=true` continues it only with the settings it
+was started with (or says that it is complete); ranks other than 0 join rank 0's directory and write nothing."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.artifacts import write_text
+from fdlight.errors import FDLightError, check
+
+log = logging.getLogger(__name__)
+
+RUN_MARKERS = ("checkpoints", "metrics.json", "config.yaml", "student.safetensors", "model.safetensors")
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+# Settings that change how a run computes but not what: a resume may change them freely.
+RESUME_FREE = ("resume", "resume_allow_changes", "data.num_workers", "logger", "hydra")
+RESUME_FREE_LEAVES = ("num_threads",)
+
+
+def is_secondary_rank() -> bool:
+    """True in the processes a launcher starts beside rank 0 (Lightning's re-executed ranks, torchrun, SLURM/srun,
+    MPI)."""
+    return any(int(os.environ.get(v, "0") or 0) > 0 for v in RANK_VARIABLES)
+
+
+@dataclass
+class Claim:
+    """What claiming a run directory found: a checkpoint to continue from, or a finished run's metrics."""
+    run_dir: Path
+    resume_from: Path | None = None
+    finished: dict | None = None
+
+
+def _leaves(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_leaves(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): value}
+
+
+def _free(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in RESUME_FREE) or key.rsplit(".", 1)[-1] in \
+        RESUME_FREE_LEAVES
+
+
+def changed_settings(cfg: DictConfig, saved: DictConfig) -> list[str]:
+    """Dotted keys whose value differs between a config and a run's saved config.yaml (settings that do not change
+    the result, such as data.num_workers, excepted)."""
+    now = _leaves(OmegaConf.to_container(cfg, resolve=True))
+    before = _leaves(OmegaConf.to_container(saved, resolve=True))
+    keys = sorted(k for k in now.keys() | before.keys() if not _free(k) and now.get(k, "<unset>") != before.get(
+        k, "<unset>"))
+    return keys
+
+
+def describe_changes(keys: list[str], cfg: DictConfig, saved: DictConfig, limit: int = 4) -> str:
+    def value(c, k):
+        return OmegaConf.select(c, k, default="<unset>")
+    shown = [f"{k}={value(cfg, k)!r} (run: {value(saved, k)!r})" for k in keys[:limit]]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(shown) + more
+
+
+def claim(cfg: DictConfig, run_dir: Path, checkpointed: bool = True) -> Claim:
+    """Check the run directory before anything is built or written: refuse to overwrite an earlier run; with
+    `resume`, return its checkpoint (when the stage is `checkpointed`), or its metrics when it is complete, and
+    refuse settings that differ from the run's config.yaml unless `resume_allow_changes=true`."""
+    if is_secondary_rank():  # rank 0 has checked the directory; other ranks follow it
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        return Claim(run_dir, ckpt if cfg.get("resume") and ckpt.is_file() else None)
+    used = [m for m in RUN_MARKERS if (run_dir / m).exists()]
+    if not cfg.get("resume"):
+        if used:
+            raise FDLightError(f"run directory {run_dir} already holds a run ({', '.join(used)}); pass resume=true to "
+                               f"continue it, or choose another hydra.run.dir=")
+        return Claim(run_dir)
+    if (run_dir / "config.yaml").is_file():
+        saved = OmegaConf.load(run_dir / "config.yaml")
+        keys = changed_settings(cfg, saved)
+        if keys and not cfg.get("resume_allow_changes"):
+            raise FDLightError(f"resume={cfg.resume}: settings differ from the run's {run_dir / 'config.yaml'}: "
+                               f"{describe_changes(keys, cfg, saved)}; resume with the run's own settings, or pass "
+                               f"resume_allow_changes=true to continue with the new ones")
+        if keys:
+            log.warning("resuming with changed settings: %s", describe_changes(keys, cfg, saved, limit=len(keys)))
+    if cfg.resume is True and (run_dir / "metrics.json").is_file():
+        return Claim(run_dir, finished=json.loads((run_dir / "metrics.json").read_text()))
+    if not checkpointed:  # a stage of steps (the pipeline) resumes each step from its own directory
+        return Claim(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume)).expanduser()
+    check(ckpt.is_file(), f"resume={cfg.resume}: no checkpoint at {ckpt}; pass resume=<path to a .ckpt> or "
+                          f"resume=true with hydra.run.dir set to the run to continue")
+    check(readable_checkpoint(ckpt), f"resume={cfg.resume}: {ckpt} is not a complete checkpoint (truncated or not "
+                                     f"written by torch.save); pass resume=<path to another .ckpt>")
+    return Claim(run_dir, ckpt)
+
+
+def readable_checkpoint(path: Path) -> bool:
+    """Whether a torch.save file is whole: its zip directory, at the file's end, reads (a cheap check, no load)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return bool(z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def save_config(cfg: DictConfig, run_dir: Path) -> None:
+    """The resolved config, once per run directory (a resumed run keeps the original); rank 0 writes it."""
+    if is_secondary_rank():
+        return
+    if not (run_dir / "config.yaml").exists():
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

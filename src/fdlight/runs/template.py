@@ -1,0 +1,142 @@
+"""The run template every stage fills in:
+
+    validate -> claim the run directory -> build -> (trainer -> config.yaml -> fit -> final checkpoint)
+             -> export -> metrics.json -> one line that says where the artifacts are
+
+Validation reads the config (and at most the headers of input files) and writes nothing, so bad input leaves no run
+directory; the builders then trust their input. Claiming refuses to overwrite a run, returns the checkpoint to resume,
+or ends at once when a resumed run is already complete. Every artifact is written atomically (fdlight.artifacts)."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from fdlight.artifacts import write_json
+from fdlight.errors import FDLightError
+from fdlight.runs.callbacks import Throughput
+from fdlight.runs.directory import Claim, claim, save_config
+from fdlight.runs.gather import trained_state_dict
+from fdlight.runs.trainer import build_trainer, cpu_threads
+from fdlight.settings import check_sections
+
+log = logging.getLogger("fdlight")
+
+
+def worker_error(e: FDLightError) -> FDLightError:
+    """An FDLightError raised in a DataLoader worker comes back wrapped in the worker's traceback: keep its line."""
+    text = str(e)
+    if "Original Traceback" not in text:
+        return e
+    last = [ln for ln in text.splitlines() if ln.strip()][-1]
+    return FDLightError(last.split("FDLightError: ", 1)[-1])
+
+
+class Stage:
+    """A stage: `run(cfg, run_dir) -> metrics`. Subclasses set `name` (the stage= choice and the config section
+    it reads) and fill in validate, build and execute."""
+
+    name: str = ""
+    checkpointed = True  # resume=true continues from checkpoints/last.ckpt
+
+    def settings(self, cfg: DictConfig) -> DictConfig:
+        return cfg[self.name]
+
+    def validate(self, cfg: DictConfig) -> None:
+        """Every check of the settings and inputs; writes nothing (the section's schema runs before it)."""
+
+    def build(self, cfg: DictConfig) -> Any:
+        """What the stage works with (models, data); reads inputs, writes nothing."""
+
+    def execute(self, cfg: DictConfig, run_dir: Path, built: Any, claimed: Claim) -> dict:
+        """The stage's work, its artifacts written; returns its metrics."""
+        raise NotImplementedError
+
+    def summary(self, metrics: dict) -> str:
+        """The closing line's first half: what was done, in numbers."""
+        return f"stage={self.name} done"
+
+    def run(self, cfg: DictConfig, run_dir: Path) -> dict:
+        s = self.settings(cfg)
+        with cpu_threads(cfg, s):
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+            check_sections(cfg)
+            self.validate(cfg)
+            claimed = claim(cfg, run_dir, self.checkpointed)
+            if claimed.finished is not None:
+                log.info("run %s is complete (%s steps); nothing to do (files left as they are)", run_dir,
+                         claimed.finished.get("steps", "all"))
+                return claimed.finished
+            built = self.build(cfg)
+            metrics = self.execute(cfg, run_dir, built, claimed)
+        return metrics
+
+    def finish(self, run_dir: Path, metrics: dict, artifacts: list[Path]) -> None:
+        """metrics.json (written last: its presence marks a complete run), then the closing line."""
+        write_json(run_dir / "metrics.json", metrics)
+        names = ", ".join(str(p.relative_to(run_dir)) if p.is_relative_to(run_dir) else str(p)
+                          for p in artifacts if p is not None)
+        log.info("%s; artifacts in %s: %s", self.summary(metrics), run_dir, names + (", " if names else "")
+                 + "metrics.json")
+
+
+@dataclass
+class Training:
+    """What a training stage builds: the LightningModule, its DataModule, and what its Trainer needs."""
+    module: L.LightningModule
+    data: L.LightningDataModule
+    wrap_classes: set[type] = field(default_factory=set)
+    callbacks: list = field(default_factory=list)
+    validate: bool = True
+    extra: dict = field(default_factory=dict)  # what the stage's export and metrics need besides
+
+
+class TrainingStage(Stage):
+    """A stage that trains one LightningModule: the template's execute for all of them."""
+
+    weights_prefix = "model."  # the module's submodule whose weights are exported
+
+    def fit(self, trainer: L.Trainer, built: Training, resume: Path | None) -> dict:
+        """Train, then validate once more unless the final weights were just validated; the validation metrics."""
+        trainer.fit(built.module, datamodule=built.data, ckpt_path=str(resume) if resume else None)
+        return {}
+
+    def describe(self, cfg: DictConfig, built: Training) -> dict:
+        """The stage's own leading entries of metrics.json (what was trained on what)."""
+        return {}
+
+    def export(self, cfg: DictConfig, run_dir: Path, built: Training, state: dict) -> list[Path]:
+        """Write the trained weights (rank 0 only); the paths written."""
+        return []
+
+    def execute(self, cfg: DictConfig, run_dir: Path, built: Training, claimed: Claim) -> dict:
+        s = self.settings(cfg)
+        meter = Throughput()
+        trainer = build_trainer(cfg, s, run_dir, callbacks=[meter, *built.callbacks], validate=built.validate,
+                                wrap_classes=built.wrap_classes, checkpoint_every=s.get("checkpoint_every_n_steps"))
+        save_config(cfg, run_dir)  # once the trainer is built: a trainer config that cannot run here leaves no run
+        start = time.perf_counter()
+        try:
+            val = self.fit(trainer, built, claimed.resume_from)
+        except FDLightError as e:
+            raise worker_error(e) from None
+        wall = time.perf_counter() - start
+        module = built.module
+        metrics = {"stage": self.name, **self.describe(cfg, built), **val, "first_loss": module.first_loss,
+                   "last_loss": module.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
+                   "wall_s": wall}
+        state = trained_state_dict(trainer, module, self.weights_prefix) if self.weights_prefix else {}
+        if trainer.is_global_zero:  # the gathering above is collective under FSDP: every rank ran it
+            artifacts = self.export(cfg, run_dir, built, state)
+            self.finish(run_dir, metrics, [*artifacts, run_dir / "checkpoints" / "last.ckpt"])
+        return metrics
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

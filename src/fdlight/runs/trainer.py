@@ -1,0 +1,126 @@
+"""The Lightning Trainer of a stage and what it is made of: devices, precision, strategy (DDP, FSDP), logger, the
+CPU thread count."""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.artifacts import save_torch
+from fdlight.errors import FDLightError, check
+from fdlight.runs.callbacks import FinalCheckpoint, ProgressBar
+
+
+def on_gpu(trainer_cfg: DictConfig) -> bool:
+    """Whether the trainer config runs on CUDA GPUs here (accelerator gpu/cuda, or auto with one visible)."""
+    return torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
+
+
+@contextlib.contextmanager
+def cpu_threads(cfg: DictConfig, s: DictConfig):
+    """On a CPU run, use `<stage>.num_threads` intra-op threads (null: torch's default) while the stage runs."""
+    before = torch.get_num_threads()
+    if not on_gpu(cfg.trainer) and s.get("num_threads"):
+        torch.set_num_threads(int(s.num_threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def resolve_precision(trainer_cfg: DictConfig) -> str:
+    if trainer_cfg.precision != "auto":
+        return str(trainer_cfg.precision)
+    return "bf16-mixed" if on_gpu(trainer_cfg) else "32-true"
+
+
+def build_strategy(trainer_cfg: DictConfig, wrap_classes: set[type] | None):
+    if trainer_cfg.strategy != "fsdp":
+        return trainer_cfg.strategy
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    check(torch.cuda.is_available(), "trainer=fsdp shards over CUDA GPUs and none is visible; use trainer=cpu here, "
+                                     "or trainer=gpu / trainer=ddp on a GPU machine")
+    check(bool(wrap_classes), "trainer=fsdp needs the student's block_class in its config to wrap")
+    return FSDPStrategy(auto_wrap_policy=set(wrap_classes),
+                        activation_checkpointing_policy=set(wrap_classes) if trainer_cfg.activation_checkpointing
+                        else None,
+                        sharding_strategy="FULL_SHARD", state_dict_type="full")
+
+
+def wandb_offline(logger_cfg: DictConfig) -> bool:
+    if logger_cfg.get("offline") is not None:
+        return bool(logger_cfg.offline)
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in (
+        Path.home().joinpath(".netrc").read_text() if Path.home().joinpath(".netrc").exists() else "")
+    return not has_key or os.environ.get("WANDB_MODE") == "offline"
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    if cfg.logger.name == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+        return CSVLogger(save_dir=str(run_dir), name="logs")
+    if cfg.logger.name == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+        lg = cfg.logger
+        return WandbLogger(project=lg.project, entity=lg.entity, save_dir=str(run_dir), name=run_dir.name,
+                           offline=wandb_offline(lg), tags=list(lg.tags or []), log_model=False,
+                           config=OmegaConf.to_container(cfg, resolve=True))
+    raise FDLightError(f"unknown logger {cfg.logger.name!r}; use logger=csv or logger=wandb")
+
+
+def world_size(trainer_cfg: DictConfig) -> int:
+    """Processes the trainer config asks for, as Lightning reads `devices`: a count (-1, or auto on a GPU: every
+    visible GPU), or a list of device ids ([0, 1] or "0,1")."""
+    d = trainer_cfg.devices
+    if OmegaConf.is_list(d) or isinstance(d, (list, tuple)):
+        devices = len(d)
+    elif isinstance(d, str) and "," in d:
+        devices = len([i for i in d.split(",") if i.strip()])
+    elif str(d).lstrip("-").isdigit() and int(d) >= 0:
+        devices = int(d)
+    else:  # -1 or auto
+        devices = max(torch.cuda.device_count(), 1) if on_gpu(trainer_cfg) else 1
+    return devices * int(trainer_cfg.num_nodes)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files written through fdlight.artifacts: never a partial .ckpt under the real name."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        save_torch(checkpoint, path)
+
+
+def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbacks=(), wrap_classes=None,
+                  checkpoint_every: int | None = None, validate: bool = False) -> L.Trainer:
+    """The stage's Lightning Trainer. With `validate`, `<stage>.val_every_n_epochs` sets how often (0: only after
+    training, which the stage runs itself)."""
+    t = cfg.trainer
+    max_epochs = int(stage_cfg.epochs)
+    val_every = int(stage_cfg.get("val_every_n_epochs", 1)) or max_epochs + 1
+    ckpt = ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                           every_n_train_steps=checkpoint_every or None, save_on_train_epoch_end=True)
+    final = FinalCheckpoint(run_dir / "checkpoints" / "last.ckpt")
+    settings = dict(
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
+        max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)),
+        accumulate_grad_batches=int(t.accumulate_grad_batches),
+        logger=build_logger(cfg, run_dir), callbacks=[ckpt, final, ProgressBar(), *callbacks], plugins=[AtomicCheckpointIO()],
+        log_every_n_steps=int(stage_cfg.get("log_every_n_steps", 10)),
+        limit_val_batches=None if validate else 0, num_sanity_val_steps=0, check_val_every_n_epoch=val_every,
+        default_root_dir=str(run_dir), enable_model_summary=False,
+    )
+    try:
+        return L.Trainer(**settings)
+    except (MisconfigurationException, ValueError) as e:  # Lightning's checks of these settings (traceback: the log)
+        reason = str(e).strip().splitlines()[0].rstrip(".")
+        raise FDLightError(f"the trainer settings cannot run here: {reason}; fix the trainer.* value it names, or "
+                           f"pick a preset (trainer=auto, cpu, gpu, ddp, fsdp)") from e
