@@ -104,7 +104,9 @@ class LineProgress(ProgressDisplay):
         batches = sum(trainer.num_val_batches) if isinstance(trainer.num_val_batches, list) else \
             trainer.num_val_batches
         val = {k: v for k, v in self.get_metrics(trainer, module).items() if k.startswith("val")}
-        print(f"validation  {int(batches)} batches in {seconds:.0f} s  {format_metrics(val)}".rstrip(), flush=True)
+        plural = "es" * (int(batches) != 1)
+        print(f"validation  {int(batches)} batch{plural} in {seconds:.0f} s  {format_metrics(val)}".rstrip(),
+              flush=True)
 
 
 def progress_display(stream=None) -> ProgressDisplay:
