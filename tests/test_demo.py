@@ -119,3 +119,12 @@ def test_a_repeat_in_a_new_process_on_a_busy_cpu_gives_the_same_numbers_and_a_re
     assert closing[-1].endswith(f"; artifacts in {again}: results.md, metrics.json")
     assert not [line for line in lines if line.startswith(" ")]  # no metrics wrapped onto continuation lines
     assert "stepping batches" not in res.stdout and "stepping batches" in (again / "fdlight.log").read_text()
+
+
+def test_with_wandb_every_step_is_its_own_run(tmp_path):
+    """A WandbLogger reuses an open W&B run: each step closes its own, so no step logs into another's."""
+    run_dir = tmp_path / "run"
+    run_stage([*SMALL, "logger=wandb", "pipeline.diagnose=false", "pipeline.segment=false",
+               "pipeline.scratch_baseline=false"], run_dir)
+    runs = {p.parents[2].name for p in run_dir.glob("*/wandb/offline-run-*/run-*.wandb")}
+    assert runs == {"1_teacher", "2_distill", "3a_finetune_teacher", "3b_finetune_student"}

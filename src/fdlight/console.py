@@ -13,6 +13,8 @@ import os
 import sys
 import warnings
 
+log = logging.getLogger("fdlight")
+
 # Harmless library warnings that only confuse a reader: nothing in them can be acted on from fdlight's settings.
 QUIET = (
     r".*`val_dataloader` but have no `validation_step`.*",
@@ -94,11 +96,28 @@ def route_library_logs() -> None:
             handler.addFilter(ConsoleFilter())
 
 
+def wandb_settings():
+    """W&B's settings for fdlight's runs: quiet (no per-run history and summary tables on the console: finish_wandb
+    says in one line where the run went)."""
+    import wandb
+
+    return wandb.Settings(quiet=True)
+
+
 def finish_wandb() -> None:
-    """Close a W&B run still open, while the output streams work (its exit hook writes colour codes into files)."""
+    """Close a W&B run still open, while the output streams work (its exit hook writes colour codes into files), and
+    say in one line where it is: the folder to `wandb sync` for an offline run, the URL otherwise."""
     wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+    run = getattr(wandb, "run", None) if wandb is not None else None
+    if run is None:
+        return
+    offline = bool(getattr(run.settings, "_offline", False))
+    where = run.settings.sync_dir if offline else run.url
+    wandb.finish()
+    if offline:
+        log.info("W&B (offline): `wandb sync %s` uploads this run", where)
+    elif where:
+        log.info("W&B run: %s", where)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.artifacts import save_torch
+from fdlight.console import wandb_settings
 from fdlight.errors import FDLightError, check
 from fdlight.runs.callbacks import FinalCheckpoint, ResumeNote, progress_display
 
@@ -72,7 +73,7 @@ def build_logger(cfg: DictConfig, run_dir: Path):
         lg = cfg.logger
         logger = WandbLogger(project=lg.project, entity=lg.entity, save_dir=str(run_dir), name=run_dir.name,
                              offline=wandb_offline(lg), tags=list(lg.tags or []), log_model=False,
-                             config=OmegaConf.to_container(cfg, resolve=True))
+                             config=OmegaConf.to_container(cfg, resolve=True), settings=wandb_settings())
         if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:  # W&B warns that the setting is unused
             del logger._wandb_init["anonymous"]
         return logger

@@ -26,6 +26,7 @@ from fdlight.diagnostics.loading import Subject, build_fd_module, default_name, 
 from fdlight.errors import FDLightError, check
 from fdlight.artifacts import save_figure, save_safetensors, write_json
 from fdlight.config import compose, section
+from fdlight.console import finish_wandb
 from fdlight.diagnostics import plots
 from fdlight.runs.directory import Claim, save_config
 from fdlight.runs.template import Stage
@@ -286,7 +287,7 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, pngs: list[Path], summaries: di
     scalars = {f"diagnose/{n}/{k}": float(v) for n, s in summaries.items() for k, v in s.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     logger.log_metrics(scalars)
-    logger.experiment.finish()
+    finish_wandb()
 
 
 class Diagnose(Stage):

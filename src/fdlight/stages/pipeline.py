@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.artifacts import write_json, write_text
+from fdlight.console import finish_wandb
 from fdlight.config import group_config, with_stage
 from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import check
@@ -69,6 +70,7 @@ def run_step(name: str, sub: DictConfig, run_dir: Path, resume: bool) -> dict:
     announce(name, sub.stage, step_dir)
     start = time.perf_counter()
     metrics = STEP_STAGES[sub.stage].run(sub, step_dir)
+    finish_wandb()  # with logger=wandb, each step its own W&B run (a new WandbLogger reuses an open run)
     metrics["step_wall_s"] = time.perf_counter() - start  # model building and data set-up included
     write_json(step_dir / "metrics.json", metrics)
     return metrics
@@ -173,6 +175,7 @@ def segment_step(cfg: DictConfig, pair: dict[str, Path], run_dir: Path, resume: 
             announce(f"segment_{name}", "segment", step_dir)
             miou = segmentation_miou(cfg, path, step_dir, resume=resume and step_dir.is_dir(),
                                      **dict(cfg.pipeline.segment_settings))
+            finish_wandb()
         out[name] = {"val/mIoU": miou, "wall_s": time.perf_counter() - start}
     return out
 
