@@ -44,7 +44,8 @@ _shown_once: set[str] = set()
 
 
 def setup() -> None:
-    """Once per process: PyTorch's C++ notices off, the QUIET warnings filtered, Lightning's litlogger notice dropped."""
+    """Once per process: PyTorch's C++ notices off, the QUIET warnings filtered, Lightning's litlogger notice
+    dropped."""
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)

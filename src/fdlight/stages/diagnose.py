@@ -314,8 +314,9 @@ class Diagnose(Stage):
             results[s.name] = r = diagnose_subject(s, cfg, device)
             sm = r.summary
             log.info("%s: attention distance spread %.3f px, head KL %.4f, diagonality %.3f, %s sharpness %s",
-                     s.name if s.name.startswith(s.kind) else f"{s.name} ({s.kind})", sm["attn_distance_spread"], sm["head_kl_mean"], sm["diagonality_mean"],
-                     sm["landscape_loss"], "n/a" if sm["sharpness"] is None else f"{sm['sharpness']:.4g}")
+                     s.name if s.name.startswith(s.kind) else f"{s.name} ({s.kind})", sm["attn_distance_spread"],
+                     sm["head_kl_mean"], sm["diagonality_mean"], sm["landscape_loss"],
+                     "n/a" if sm["sharpness"] is None else f"{sm['sharpness']:.4g}")
         losses = sorted({r.summary["landscape_loss"] for r in results.values()} - {None})
         if len(losses) > 1:
             log.warning("the landscapes use different losses (%s): landscape.png draws each loss in its own panel; "

@@ -256,7 +256,8 @@ def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict, ext
     return "\n".join([
         "# fdlight pipeline results", "",
         f"Data: {cfg.data.name} ({cfg.data.get('num_train', '?')} train / {n or '?'} val images); "
-        f"step 3: the same fine-tuning recipe and budget for every run, {ft.epochs} epoch{'s' * (ft.epochs != 1)} each.",
+        f"step 3: the same fine-tuning recipe and budget for every run, "
+        f"{ft.epochs} epoch{'s' * (ft.epochs != 1)} each.",
         "",
         *rows, *extra_rows(extra or {}, diagnose_config(cfg, [], []).diagnose), "",
         f"FD student fine-tuned minus teacher fine-tuned: {100 * (s - t):+.1f} points top-1{noise}.",
