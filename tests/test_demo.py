@@ -1,17 +1,20 @@
 """`python -m fdlight experiment=demo` end to end at a smaller size: teacher from scratch, FD into a fresh student,
-both fine-tuned with the same recipe, results.md and metrics.json; a finished demo resumes without retraining."""
+both fine-tuned with the same recipe, results.md and metrics.json; a finished demo resumes without retraining; a
+repeat in a new process on a busy CPU gives the same numbers, and its console says what each step is."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose, run_stage
+from conftest import TINY, compose, run_cli, run_stage
 from fdlight.errors import FDLightError
 from fdlight.models.weights import read_export_metadata
 
-SMALL = ["experiment=demo", "data.num_train=64", "data.num_val=32", "data.num_workers=0", "distill.batch_size=16",
+SMALL = ["experiment=demo", "data.num_train=64", "data.num_val=32", "data.num_workers=1", "distill.batch_size=16",
          "finetune.batch_size=16", "distill.epochs=1", "finetune.epochs=1", "pipeline.teacher.epochs=2",
          "pipeline.diagnose_settings.num_images=8", "+pipeline.diagnose_settings.landscape={steps:3}",
          "pipeline.segment_settings.batch_size=16"]
@@ -63,8 +66,16 @@ def test_demo_runs_every_step_and_reports_the_comparison(demo):
         assert f"{spread:.3f}" in text and (run_dir / "5_segment_" f"{name}" / "model.safetensors").is_file()
         assert f"{100 * saved[f'segment/{name}/val/mIoU']:.1f}%" in text
     diagnosed = json.loads((run_dir / "4_diagnose" / "diagnostics.json").read_text())["checkpoints"]
-    assert set(diagnosed) == {"teacher", "fd_student"}
+    assert set(diagnosed) == {"teacher", "FD student"}
     assert (run_dir / "4_diagnose" / "landscape.png").is_file()
+    # both landscapes on one loss (left alone, the teacher would get cross entropy and the student its FD loss)
+    assert [diagnosed[n]["summary"]["landscape_loss"] for n in ("teacher", "FD student")] == ["probe", "probe"]
+    sharpness = next(line for line in text.splitlines() if line.startswith("| loss-landscape sharpness"))
+    assert "linear probe's cross entropy at ±1 along a filter-normalised random direction" in sharpness
+    assert "(8 val images; lower is flatter)" in sharpness
+    for name in ("teacher", "fd_student"):
+        assert saved[f"diagnose/{name}/landscape_loss"] == "probe"
+        assert f"{saved[f'diagnose/{name}/sharpness']:.3f}" in sharpness
 
 
 def test_a_finished_demo_resumes_without_retraining_and_refuses_to_be_overwritten(demo):
@@ -75,3 +86,45 @@ def test_a_finished_demo_resumes_without_retraining_and_refuses_to_be_overwritte
     assert again["finetune_student/val/top1"] == metrics["finetune_student/val/top1"]
     with pytest.raises(FDLightError, match="already holds a run"):
         run_stage(SMALL, run_dir)
+
+
+TIMING = ("wall_s", "img_per_s")
+
+
+def test_a_repeat_in_a_new_process_on_a_busy_cpu_gives_the_same_numbers_and_a_readable_console(demo, tmp_path):
+    """The demo's numbers depend on its seed and settings only (one intra-op thread, one data worker, seeded
+    augmentation): the same small demo in a new process (another hash seed), while a busy loop competes for the CPU,
+    gives every metric bit for bit. Its console: a header per step, the hardware lines once, one closing line per
+    stage that says where its artifacts are."""
+    run_dir, metrics = demo
+    again = tmp_path / "again"
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        res = run_cli([*TINY, *SMALL, f"hydra.run.dir={again}"], cwd=tmp_path)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert res.returncode == 0, res.stderr[-2000:]
+    repeat = json.loads((again / "metrics.json").read_text())
+    assert {k: v for k, v in repeat.items() if not k.endswith(TIMING)} == \
+        {k: v for k, v in metrics.items() if not k.endswith(TIMING)}
+
+    lines = res.stdout.splitlines()
+    headers = [line.split(":")[0] for line in lines if line.startswith("pipeline step ")]
+    assert headers == [f"pipeline step {n}" for n in ("1", "2", "3a", "3b", "3c", "4", "5", "5", "6")]
+    assert res.stdout.count("GPU available:") == 1 and res.stdout.count("TPU available:") == 1  # 8 stages ran
+    closing = [line for line in lines if "; artifacts in " in line]
+    assert len(closing) == 9  # 5 trainings, diagnose, 2 segmentations, the pipeline
+    assert closing[-1].startswith("pipeline done in ") and lines[-1] == closing[-1]
+    assert closing[-1].endswith(f"; artifacts in {again}: results.md, metrics.json")
+    assert not [line for line in lines if line.startswith(" ")]  # no metrics wrapped onto continuation lines
+    assert "stepping batches" not in res.stdout and "stepping batches" in (again / "fdlight.log").read_text()
+
+
+def test_with_wandb_every_step_is_its_own_run(tmp_path):
+    """A WandbLogger reuses an open W&B run: each step closes its own, so no step logs into another's."""
+    run_dir = tmp_path / "run"
+    run_stage([*SMALL, "logger=wandb", "pipeline.diagnose=false", "pipeline.segment=false",
+               "pipeline.scratch_baseline=false"], run_dir)
+    runs = {p.parents[2].name for p in run_dir.glob("*/wandb/offline-run-*/run-*.wandb")}
+    assert runs == {"1_teacher", "2_distill", "3a_finetune_teacher", "3b_finetune_student"}

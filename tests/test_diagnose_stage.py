@@ -21,7 +21,7 @@ from fdlight.errors import FDLightError
 from fdlight.models.exports import export_timm
 from fdlight.models.weights import read_state_dict
 from fdlight.stages import run
-from fdlight.stages.diagnose import diagnose_checkpoint, diagnose_subject, summarize
+from fdlight.stages.diagnose import diagnose_checkpoint, diagnose_subject, load_subjects, summarize
 from fdlight.stages.distill import build_distillation
 
 FAST = ["stage=diagnose", "diagnose.num_images=8", "diagnose.batch_size=4", "diagnose.landscape.steps=3"]
@@ -161,7 +161,25 @@ def test_summarize_for_the_demo(artifacts):
         assert s["landscape_loss"] == "probe"
         assert math.isfinite(s["attn_distance_spread"]) and math.isfinite(s["sharpness"])
     other = summarize([str(artifacts["finetune"])], compose([*TINY, "stage=distill"]))  # defaults fill diagnose.*
-    assert other["finetune/model"]["landscape_loss"] == "ce"
+    assert other["fine-tuned"]["landscape_loss"] == "ce"
+
+
+def test_checkpoints_are_named_by_what_they_are(artifacts):
+    """Without diagnose.names, plots and files name each checkpoint by its kind, not by its run folder's time stamp;
+    two of one kind get the folder they come from beside it."""
+    d = compose([*TINY, *FAST, listing("teacher:tiny", artifacts["distill"], artifacts["finetune"],
+                                       artifacts["ckpt"])]).diagnose
+    names = [s.name for s in load_subjects(d, compose([*TINY, *FAST]))]
+    assert names == ["teacher (tiny)", "distilled student (distill)", "fine-tuned",
+                     "distilled student (distill/last.ckpt)"]
+
+
+def test_diagonality_panel_explains_its_dashed_line(diagnosed):
+    from fdlight.diagnostics.plots import diversity_figure
+
+    panel = diversity_figure(diagnosed[2]["checkpoints"]).axes[2]
+    assert [t.get_text() for t in panel.get_legend().get_texts()] == ["0.5: uniform attention"]
+    assert panel.get_lines()[-1].get_linestyle() == "--" and panel.get_lines()[-1].get_ydata()[0] == 0.5
 
 
 def test_hessian_under_the_probe_loss_of_a_model_with_a_head(artifacts):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -150,6 +151,9 @@ def test_a_killed_run_resumes_at_its_step_count(tmp_path):
     res = run_cli([*args, "resume=true"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 15 * 8
+    # mid-epoch (as a rule): one fdlight line instead of Lightning's warning
+    assert re.search(rf"^resuming at step {killed_at} of 120 \(epoch \d+ of 15\)$", res.stdout, re.M), res.stdout
+    assert "ended before the epoch ended" not in res.stdout + res.stderr
     resumed_log = sorted((run_dir / "logs").glob("version_*/metrics.csv"))[-1].read_text().splitlines()
     first_step = int(resumed_log[1].split(",")[resumed_log[0].split(",").index("step")])
     assert first_step >= killed_at  # continued, not restarted

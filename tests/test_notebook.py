@@ -39,17 +39,23 @@ def test_loss_curves_are_read_from_the_csv_logs(tiny_run):
 
 
 def test_notebook_runs_on_a_tiny_checkpoint(tiny_run, kernel, tmp_path, monkeypatch):
+    """FDLIGHT_CHECKPOINT relative to the folder Jupyter was started in ($PWD), while the kernel runs elsewhere (in
+    notebooks/ for `jupyter execute`; in an empty folder here)."""
     monkeypatch.setenv("JUPYTER_PATH", str(kernel))
-    monkeypatch.setenv("FDLIGHT_CHECKPOINT", str(tiny_run))
+    monkeypatch.setenv("PWD", str(tiny_run.parent.parent))
+    monkeypatch.setenv("FDLIGHT_CHECKPOINT", f"{tiny_run.parent.name}/{tiny_run.name}")
     monkeypatch.setenv("FDLIGHT_DIAGNOSE_OVERRIDES", "diagnose.num_images=8 diagnose.landscape.steps=3")
+    kernel_dir = tmp_path / "notebooks"
+    kernel_dir.mkdir()
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, kernel_name="fdlight-test", timeout=300,
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+                   resources={"metadata": {"path": str(kernel_dir)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     pngs = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(pngs) == 5  # loss curve, distances, diversity, maps, landscape
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert f"checkpoint: {tiny_run}" in text
     assert "4 logged train/loss values" in text
     summary = next(o for o in outputs if o.output_type == "execute_result")["data"]["text/plain"]
     assert "'landscape_loss': 'fd'" in summary and "attn_distance_spread" in summary

@@ -4,17 +4,18 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-import os
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from fdlight import console
+from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error
 from fdlight.config import GROUPS, compose, group_choices, top_level_keys
 from fdlight.errors import FDLightError
+from fdlight.runs.directory import check_writable
 
 # Hydra's flags that take the next argument as their value, and those that point it at a user's own config
 # (whose keys fdlight cannot know).
@@ -93,8 +94,6 @@ def check_run(argv: list[str]) -> None:
     user's own config) are Hydra's to handle."""
     from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
-
-    from fdlight.runs.directory import check_writable
 
     if any(a.startswith("-") for a in argv):
         return
@@ -205,25 +204,18 @@ def fail(run_dir: Path, error: FDLightError) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://fdlight.conf", config_name="config")
 def _app(cfg: DictConfig) -> float | None:
-    import lightning.pytorch  # noqa: F401 - attaches its console handler, removed below
-
+    # torch, Lightning and timm load here, once the command line has been checked (its errors come in a second)
     from fdlight.stages import run
 
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # route through Hydra's handlers, once
-        logger = logging.getLogger(name)
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)
-        logger.propagate = True
     guard_log_files()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         check_sweep_launch(cfg)
-        metrics = run(cfg, run_dir)
+        with console.job():
+            metrics = run(cfg, run_dir)
     except FDLightError as e:
         fail(run_dir, e)
     except OSError as e:  # a write outside fdlight.artifacts (Lightning's CSV log) on a full or read-only disk
-        from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error
-
         if e.errno not in FULL_OR_READ_ONLY:
             raise
         error = disk_error(Path(e.filename) if e.filename else run_dir, e)
@@ -232,19 +224,8 @@ def _app(cfg: DictConfig) -> float | None:
     return metrics.get("last_loss") if isinstance(metrics, dict) else None
 
 
-QUIET = (  # harmless library notices that only confuse a first run
-    r".*`val_dataloader` but have no `validation_step`.*",
-    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
-    r".*is smaller than the logging interval.*",
-    r".*Found .* module\(s\) in eval mode.*",
-)
-
-
 def main() -> None:
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    for pattern in QUIET:
-        warnings.filterwarnings("ignore", message=pattern)
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+    console.setup()
     try:
         check_group_overrides(sys.argv[1:])
         check_stage_sections(sys.argv[1:])

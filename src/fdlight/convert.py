@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from fdlight.artifacts import save_safetensors
+from fdlight.config import group_choices
 from fdlight.errors import FDLightError, check
 from fdlight.models import official
 from fdlight.models.exports import export_timm
@@ -51,8 +52,6 @@ def check_paths(src: Path, out: Path, force: bool) -> None:
 
 
 def check_teacher(teacher: str | None) -> None:
-    from fdlight.config import group_choices
-
     check(teacher is None or teacher in group_choices("teacher"),
           f"--teacher {teacher!r} is not a teacher config; choose one of: {', '.join(group_choices('teacher'))}")
 

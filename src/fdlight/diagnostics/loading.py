@@ -94,6 +94,7 @@ def teacher_config(name: str) -> DictConfig:
 
 
 def default_name(spec: str) -> str:
+    """Where a checkpoint comes from, in short: the spec of a teacher config, the run folder, folder/file."""
     if spec == "teacher" or spec.startswith("teacher:"):
         return spec
     path = Path(spec)
@@ -104,11 +105,21 @@ def default_name(spec: str) -> str:
     return f"{path.parent.name}/{path.stem}" if path.parent.name else path.stem
 
 
+def display_name(subject: Subject) -> str:
+    """What a checkpoint is, for plot titles and file names: `teacher (<config>)`, `distilled student`,
+    `fine-tuned`, `trained from scratch`, `segmentation backbone` (a run folder's name is a time stamp)."""
+    if subject.kind == "teacher":
+        return f"teacher ({subject.info.get('teacher', 'weights file')})"
+    if subject.kind == "fine-tuned" and str(subject.info.get("pretrained") or "").startswith("scratch"):
+        return "trained from scratch"
+    return subject.kind
+
+
 # ------------------------------------------------------------------------------------------------------ loaders
 def load_subject(spec: str, cfg: DictConfig, name: str | None = None) -> Subject:
     """Build the model a checkpoint spec names (see the module docstring); every failure is one FDLightError."""
     spec = str(spec).strip()
-    name = name or default_name(spec)
+    given, name = name, name or default_name(spec)
     if spec == "teacher" or spec.startswith("teacher:"):
         tcfg = cfg.teacher if spec == "teacher" else teacher_config(spec.partition(":")[2])
         subject = teacher_subject(tcfg, int(cfg.get("seed", 0)), name, spec)
@@ -131,6 +142,7 @@ def load_subject(spec: str, cfg: DictConfig, name: str | None = None) -> Subject
                                f"directory, .safetensors, .ckpt, .pt, .pth or .bin)")
     check_has_attention(subject.model, f"checkpoint {subject.source}")
     subject.model.eval()
+    subject.name = given or display_name(subject)
     return subject
 
 
@@ -242,7 +254,8 @@ def exported_subject(path: Path, name: str) -> Subject:
     run = distill_run(path.parent) if stage == "distill" else None
     kind = "distilled student" if stage == "distill" else "fine-tuned" if num_classes else "model"
     return Subject(name, str(path), kind, model, _img_size(model), num_classes=num_classes, run=run,
-                   info={"timm_model": meta["timm_model"], "stage": stage, "teacher": meta.get("teacher")})
+                   info={"timm_model": meta["timm_model"], "stage": stage, "teacher": meta.get("teacher"),
+                         "pretrained": meta.get("pretrained")})
 
 
 def _ckpt_state(path: Path) -> dict:

@@ -58,9 +58,11 @@ def diversity_figure(results: dict[str, dict]) -> Figure:
         ax.set_ylabel(label)
         _layer_ticks(ax, depth)
         ax.grid(alpha=0.3)
-    axes[2].axhline(0.5, color="gray", lw=0.8, ls="--")
+    axes[2].axhline(0.5, color="gray", lw=0.8, ls="--", label="0.5: uniform attention")
     axes[2].set_ylim(0, 1)
+    axes[2].set_title("1: diagonal (relative position), ~0: vertical columns", fontsize=8)
     axes[0].legend(fontsize=8)
+    axes[2].legend(handles=axes[2].get_lines()[-1:], fontsize=8, loc="lower right")
     fig.suptitle("Head diversity per layer", fontsize=10)
     return fig
 
@@ -127,32 +129,31 @@ def landscape_figure(results: dict[str, dict]) -> Figure | None:
         return None
     n = len(items)
     fig = Figure(figsize=(max(6.0, 4.0 * n), 7.2), layout="constrained")
-    grid = fig.add_gridspec(2, n)
-    for i, (name, ls) in enumerate(items):
-        ax = fig.add_subplot(grid[0, i])
+    top, bottom = fig.subfigures(2, 1)  # each row laid out on its own: the curves' panels need not match the maps'
+    for ax, (name, ls) in zip(top.subplots(1, n, squeeze=False)[0], items):
         if ls["surface"]:
             z = np.asarray(ls["surface"], dtype=np.float64)
             alphas, betas = np.asarray(ls["alphas"]), np.asarray(ls["betas"])
             if z.shape[0] > 1 and z.shape[1] > 1:
                 filled = ax.contourf(alphas, betas, z, levels=14, cmap="viridis")
                 ax.contour(alphas, betas, z, levels=filled.levels, colors="black", linewidths=0.3)
-                fig.colorbar(filled, ax=ax, shrink=0.85, label=f"{ls['loss']} loss")
+                top.colorbar(filled, ax=ax, shrink=0.85, label=f"{ls['loss']} loss")
             ax.plot([0], [0], marker="+", color="red", ms=10, mew=2)
         else:
             ax.text(0.5, 0.5, "2-D surface off", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(f"{name} ({ls['loss']} loss)\nL(0)={ls['origin']:.3g}, sharpness {ls['sharpness']:.3g}",
+        ax.set_title(f"{name}\n{ls['loss']} loss: L(0)={ls['origin']:.3g}, sharpness {ls['sharpness']:.3g}",
                      fontsize=9)
         ax.set_xlabel("alpha (direction 1)")
         ax.set_ylabel("beta (direction 2)")
         ax.set_aspect("equal")
     kinds = list(dict.fromkeys(ls["loss"] for _, ls in items))  # unlike losses never share an axis
-    bottom = grid[1, :].subgridspec(1, len(kinds))
-    for j, kind in enumerate(kinds):
-        ax = fig.add_subplot(bottom[0, j])
+    for ax, kind in zip(bottom.subplots(1, len(kinds), squeeze=False)[0], kinds):
         _curves(ax, [(i, name, ls) for i, (name, ls) in enumerate(items) if ls["loss"] == kind])
         if len(kinds) > 1:
             ax.set_title(f"{kind} loss", fontsize=9)
-    fig.suptitle("Loss landscape (filter-normalised random directions)", fontsize=10)
+    span = max(max(ls["alphas"]) for _, ls in items)
+    fig.suptitle(f"Loss landscape along filter-normalised random directions (sharpness: mean loss rise at "
+                 f"alpha = ±{span:g})", fontsize=10)
     return fig
 
 

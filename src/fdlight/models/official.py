@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from fdlight.config import group_choices, group_config
 from fdlight.errors import FDLightError, check
+from fdlight.models.students import student_kwargs
 
 SHARED_TABLE = "rel_pos_bias.relative_position_bias_table"
 GEOMETRY_BUFFERS = ("relative_position_index", "attn_mask")  # their shapes pin window and grid sizes
@@ -270,8 +272,6 @@ def adapt_official(raw) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------------- matching
 def file_kwargs(cfg: DictConfig, conv: Converted) -> dict:
     """The student config's timm kwargs in the file's form: shared or per-block bias, token or mean pooling, head."""
-    from fdlight.models.students import student_kwargs
-
     kw = student_kwargs(cfg)
     sd = conv.student
     if conv.layout.family == "vit":
@@ -304,15 +304,11 @@ def _meta_model(name: str, kwargs: dict) -> torch.nn.Module | None:
 @lru_cache(maxsize=1)
 def shipped_students() -> tuple[tuple[str, DictConfig], ...]:
     """conf/student/*.yaml as they ship."""
-    from fdlight.config import group_choices, group_config
-
     return tuple((name, group_config("student", name)) for name in group_choices("student"))
 
 
 def student_config(spec: str) -> tuple[str, DictConfig]:
     """A shipped student config by name, or a student config file (YAML with model, kwargs, ...)."""
-    from fdlight.config import group_choices, group_config
-
     if spec in group_choices("student"):
         return spec, group_config("student", spec)
     path = Path(spec).expanduser()

@@ -1,26 +1,132 @@
-"""The callbacks every training run has: a progress bar, the images-per-second meter, the checkpoint (of the final
+"""The callbacks every training run has: a progress display (a live bar on a terminal, plain lines in a file or a
+CI log), the images-per-second meter, the line that says where a resumed run continues, the checkpoint (of the final
 step too), and the training step's randomness as a function of where the run is (fdlight.data.seeded does the same
 for the data)."""
 from __future__ import annotations
 
+import logging
+import math
 import time
 from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as ProgressDisplay
 
+from fdlight.console import interactive
 from fdlight.data.seeded import STEP, derived_seed, seed_globals
 
+log = logging.getLogger("fdlight")
 
 
 class ProgressBar(RichProgressBar):
-    """Lightning's rich progress bar without `v_num` (the logger's version number, always 0 in a run directory of
-    its own)."""
+    """Lightning's rich progress bar for a terminal, its metrics short enough to stay on the bar's line in a narrow
+    terminal: `train/` dropped, 4 significant digits, no `v_num` (the logger's version number, always 0 in a run
+    directory of its own)."""
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return {k.removeprefix("train/").replace("img_per_s", "img/s"): f"{v:.4g}" if isinstance(v, float) else v
+                for k, v in items.items()}
+
+
+def format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+
+
+class LineProgress(ProgressDisplay):
+    """Progress as plain lines for output that is not a terminal (a file, a CI log), where a live bar is drawn once
+    at the end with its metrics wrapped over several lines: one line per training epoch, one every tenth of an epoch
+    when an epoch has at least `long_epoch` batches, one at the end of training and of each validation."""
+
+    def __init__(self, long_epoch: int = 100):
+        super().__init__()
+        self.long_epoch = int(long_epoch)
+        self.enabled = True
+        self._start = time.perf_counter()
+        self._printed_step = -1
+        self._batches = 0
+        self._val_start = None
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
 
     def get_metrics(self, trainer, pl_module):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
         return items
+
+    def _elapsed(self) -> str:
+        seconds = int(time.perf_counter() - self._start)
+        return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+    def _line(self, trainer, module, where: str) -> None:
+        if not self.enabled:
+            return
+        steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else trainer.estimated_stepping_batches
+        total = f"/{int(steps)}" if math.isfinite(steps) else ""
+        metrics = format_metrics(self.get_metrics(trainer, module))
+        print(f"{where}  step {trainer.global_step}{total}  {metrics}  [{self._elapsed()}]".rstrip(), flush=True)
+        self._printed_step = trainer.global_step
+
+    def _epoch(self, trainer) -> str:
+        last = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        return f"epoch {trainer.current_epoch + 1}{last}"
+
+    def on_train_start(self, trainer, module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self._batches = batch_idx + 1
+        batches = self.total_train_batches
+        if math.isfinite(batches) and batches >= self.long_epoch:
+            every = math.ceil(batches / 10)
+            if (batch_idx + 1) % every == 0 and batch_idx + 1 < batches:
+                self._line(trainer, module, f"{self._epoch(trainer)} batch {batch_idx + 1}/{int(batches)}")
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        stopped = self._batches < trainer.num_training_batches and 0 < trainer.max_steps <= trainer.global_step
+        self._line(trainer, module, self._epoch(trainer) + (" (max_steps reached)" if stopped else ""))
+
+    def on_train_end(self, trainer, module) -> None:
+        if trainer.global_step != self._printed_step:
+            self._line(trainer, module, "training done")
+
+    def on_validation_start(self, trainer, module) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, module) -> None:
+        if not self.enabled or trainer.sanity_checking:
+            return
+        seconds = time.perf_counter() - (self._val_start or time.perf_counter())
+        batches = sum(trainer.num_val_batches) if isinstance(trainer.num_val_batches, list) else \
+            trainer.num_val_batches
+        val = {k: v for k, v in self.get_metrics(trainer, module).items() if k.startswith("val")}
+        plural = "es" * (int(batches) != 1)
+        print(f"validation  {int(batches)} batch{plural} in {seconds:.0f} s  {format_metrics(val)}".rstrip(),
+              flush=True)
+
+
+def progress_display(stream=None) -> ProgressDisplay:
+    """The live rich bar on a terminal or in a notebook; plain lines otherwise."""
+    return ProgressBar() if interactive(stream) else LineProgress()
+
+
+class ResumeNote(Callback):
+    """One line where a run continues from a checkpoint: the step it resumes at, of how many."""
+
+    def on_train_start(self, trainer, module) -> None:
+        if trainer.global_step > 0 and trainer.is_global_zero:
+            steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else \
+                trainer.estimated_stepping_batches
+            total = f" of {int(steps)}" if math.isfinite(steps) else ""
+            epoch = f" (epoch {trainer.current_epoch + 1}" + (f" of {trainer.max_epochs})" if trainer.max_epochs
+                                                              and trainer.max_epochs > 0 else ")")
+            log.info("resuming at step %d%s%s", trainer.global_step, total, epoch)
 
 
 class Throughput(Callback):

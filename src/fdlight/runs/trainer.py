@@ -13,8 +13,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.artifacts import save_torch
+from fdlight.console import wandb_settings
 from fdlight.errors import FDLightError, check
-from fdlight.runs.callbacks import ProgressBar, RunCheckpoint, SeededSteps
+from fdlight.runs.callbacks import ResumeNote, RunCheckpoint, SeededSteps, progress_display
 
 
 def on_gpu(trainer_cfg: DictConfig) -> bool:
@@ -69,9 +70,12 @@ def build_logger(cfg: DictConfig, run_dir: Path):
     if cfg.logger.name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
         lg = cfg.logger
-        return WandbLogger(project=lg.project, entity=lg.entity, save_dir=str(run_dir), name=run_dir.name,
-                           offline=wandb_offline(lg), tags=list(lg.tags or []), log_model=False,
-                           config=OmegaConf.to_container(cfg, resolve=True))
+        logger = WandbLogger(project=lg.project, entity=lg.entity, save_dir=str(run_dir), name=run_dir.name,
+                             offline=wandb_offline(lg), tags=list(lg.tags or []), log_model=False,
+                             config=OmegaConf.to_container(cfg, resolve=True), settings=wandb_settings())
+        if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:  # W&B warns that the setting is unused
+            del logger._wandb_init["anonymous"]
+        return logger
     raise FDLightError(f"unknown logger {cfg.logger.name!r}; use logger=csv or logger=wandb")
 
 
@@ -110,7 +114,8 @@ def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbac
         strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
         max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)),
         accumulate_grad_batches=int(t.accumulate_grad_batches),
-        logger=build_logger(cfg, run_dir), callbacks=[ckpt, ProgressBar(), SeededSteps(cfg.seed), *callbacks],
+        logger=build_logger(cfg, run_dir),
+        callbacks=[ckpt, progress_display(), ResumeNote(), SeededSteps(cfg.seed), *callbacks],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=int(stage_cfg.get("log_every_n_steps", 10)),
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, check_val_every_n_epoch=val_every,

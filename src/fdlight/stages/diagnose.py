@@ -26,6 +26,7 @@ from fdlight.diagnostics.loading import Subject, build_fd_module, default_name, 
 from fdlight.errors import FDLightError, check
 from fdlight.artifacts import save_figure, save_safetensors, write_json
 from fdlight.config import compose, section
+from fdlight.console import finish_wandb
 from fdlight.diagnostics import plots
 from fdlight.runs.directory import Claim, save_config
 from fdlight.runs.template import Stage
@@ -99,14 +100,24 @@ def model_threads(setting, model: torch.nn.Module, device: torch.device):
         torch.set_num_threads(before)
 
 
-def names_of(d: DictConfig) -> list[str]:
-    names = list(d.names) if d.get("names") is not None else [default_name(str(s)) for s in d.checkpoints]
+def given_names(d: DictConfig) -> list[str | None]:
+    """diagnose.names, or None per checkpoint: each is then named by what it is (loading.display_name)."""
+    return list(d.names) if d.get("names") is not None else [None] * len(d.checkpoints)
+
+
+def load_subjects(d: DictConfig, cfg: DictConfig) -> list[Subject]:
+    """Every checkpoint of diagnose.checkpoints, loaded (bad input fails here), with unique names: two of one kind
+    get the run folder or file they come from beside it, then #2, #3."""
+    specs = [str(s) for s in d.checkpoints]
+    subjects = [load_subject(spec, cfg, n) for spec, n in zip(specs, given_names(d))]
+    names = [s.name for s in subjects]
+    if d.get("names") is None:
+        names = [f"{n} ({default_name(spec)})" if names.count(n) > 1 else n for n, spec in zip(names, specs)]
     seen: dict[str, int] = {}
-    unique = []
-    for n in names:  # two runs with the same folder name stay apart
+    for subject, n in zip(subjects, names):
         seen[n] = seen.get(n, 0) + 1
-        unique.append(n if seen[n] == 1 else f"{n}#{seen[n]}")
-    return unique
+        subject.name = n if seen[n] == 1 else f"{n}#{seen[n]}"
+    return subjects
 
 
 # -------------------------------------------------------------------------------------------------- objectives
@@ -234,8 +245,7 @@ def summarize(paths, cfg: DictConfig | None = None, names=None, loss: str | None
     cfg = cfg.copy()
     OmegaConf.set_struct(cfg, False)
     cfg = OmegaConf.merge(cfg, {"diagnose": d})
-    subjects = [load_subject(str(p), cfg, n) for p, n in zip(d.checkpoints, names_of(d))]
-    return {s.name: diagnose_subject(s, cfg).summary for s in subjects}
+    return {s.name: diagnose_subject(s, cfg).summary for s in load_subjects(d, cfg)}
 
 
 def read_summary(run_dir: str | Path) -> dict[str, dict]:
@@ -277,7 +287,7 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, pngs: list[Path], summaries: di
     scalars = {f"diagnose/{n}/{k}": float(v) for n, s in summaries.items() for k, v in s.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     logger.log_metrics(scalars)
-    logger.experiment.finish()
+    finish_wandb()
 
 
 class Diagnose(Stage):
@@ -292,8 +302,7 @@ class Diagnose(Stage):
         resolve_device(d.device)
 
     def build(self, cfg: DictConfig) -> list[Subject]:
-        d = self.settings(cfg)
-        return [load_subject(str(s), cfg, n) for s, n in zip(d.checkpoints, names_of(d))]  # bad input fails first
+        return load_subjects(self.settings(cfg), cfg)  # bad input fails first
 
     def execute(self, cfg: DictConfig, run_dir: Path, subjects: list[Subject], claimed: Claim) -> dict:
         d = self.settings(cfg)
@@ -304,9 +313,10 @@ class Diagnose(Stage):
         for s in subjects:
             results[s.name] = r = diagnose_subject(s, cfg, device)
             sm = r.summary
-            log.info("%s (%s): attention distance spread %.3f px, head KL %.4f, diagonality %.3f, %s sharpness %s",
-                     s.name, s.kind, sm["attn_distance_spread"], sm["head_kl_mean"], sm["diagonality_mean"],
-                     sm["landscape_loss"], "n/a" if sm["sharpness"] is None else f"{sm['sharpness']:.4g}")
+            log.info("%s: attention distance spread %.3f px, head KL %.4f, diagonality %.3f, %s sharpness %s",
+                     s.name if s.name.startswith(s.kind) else f"{s.name} ({s.kind})", sm["attn_distance_spread"],
+                     sm["head_kl_mean"], sm["diagonality_mean"], sm["landscape_loss"],
+                     "n/a" if sm["sharpness"] is None else f"{sm['sharpness']:.4g}")
         losses = sorted({r.summary["landscape_loss"] for r in results.values()} - {None})
         if len(losses) > 1:
             log.warning("the landscapes use different losses (%s): landscape.png draws each loss in its own panel; "

@@ -5,7 +5,8 @@
 2. distill: FD from that teacher into a fresh student;
 3. finetune_teacher / finetune_student: the same fine-tuning recipe and budget for both (and, optionally, for the
    student architecture from random weights);
-4. optionally (`pipeline.diagnose`): attention-distance spread and loss-landscape sharpness of teacher and FD student;
+4. optionally (`pipeline.diagnose`): attention-distance spread and loss-landscape sharpness of teacher and FD student,
+   both landscapes on one loss (a linear probe's cross entropy);
 5. optionally (`pipeline.segment`): UPerNet segmentation of teacher and FD student with the same budget;
 6. results.md and metrics.json: top-1 of each fine-tuned model, the FD loss first -> last, the wall time of each step.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.artifacts import write_json, write_text
+from fdlight.console import finish_wandb
 from fdlight.config import group_config, with_stage
 from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import check
@@ -33,6 +35,20 @@ from fdlight.stages.segment import segmentation_miou
 
 log = logging.getLogger(__name__)
 STEP_STAGES = {"distill": DISTILL, "finetune": FINETUNE, "diagnose": DIAGNOSE}
+LABELS = {"teacher": "teacher trained from scratch with labels", "distill": "FD: teacher -> fresh student",
+          "finetune_teacher": "teacher fine-tuned", "finetune_student": "FD student fine-tuned",
+          "finetune_scratch": "student architecture fine-tuned from random weights",
+          "diagnose": "attention and loss landscape of teacher and FD student",
+          "segment_teacher": "segmentation on the teacher", "segment_fd_student": "segmentation on the FD student"}
+NUMBERS = {"teacher": "1", "distill": "2", "finetune_teacher": "3a", "finetune_student": "3b",
+           "finetune_scratch": "3c", "diagnose": "4", "segment_teacher": "5", "segment_fd_student": "5"}
+# diagnose step: every checkpoint is scored on this one loss, so that the sharpness row compares like with like
+LANDSCAPE_LOSS = "probe"
+
+
+def announce(name: str, stage: str, step_dir: Path) -> None:
+    """The header of one pipeline step."""
+    log.info("pipeline step %s: %s (stage=%s) in %s", NUMBERS[name], LABELS[name], stage, step_dir)
 
 
 def trained_teacher_config(model_file: Path) -> DictConfig:
@@ -44,15 +60,17 @@ def trained_teacher_config(model_file: Path) -> DictConfig:
 
 
 def run_step(name: str, sub: DictConfig, run_dir: Path, resume: bool) -> dict:
-    """Run one step in run_dir/name; when resuming, a finished step is read back and an unfinished one continues."""
-    step_dir = run_dir / name
+    """Run step `name` in its folder (run_dir/<number>_<name>); when resuming, a finished step is read back and an
+    unfinished one continues."""
+    step_dir = run_dir / f"{NUMBERS[name]}_{name}"
     if resume and (step_dir / "metrics.json").is_file():
-        log.info("pipeline: %s already done, reusing %s", name, step_dir)
+        log.info("pipeline step %s: %s already done, reusing %s", NUMBERS[name], LABELS[name], step_dir)
         return json.loads((step_dir / "metrics.json").read_text())
     sub.resume = bool(resume and (step_dir / "checkpoints" / "last.ckpt").is_file())
-    log.info("pipeline: %s (stage=%s) in %s", name, sub.stage, step_dir)
+    announce(name, sub.stage, step_dir)
     start = time.perf_counter()
     metrics = STEP_STAGES[sub.stage].run(sub, step_dir)
+    finish_wandb()  # with logger=wandb, each step its own W&B run (a new WandbLogger reuses an open run)
     metrics["step_wall_s"] = time.perf_counter() - start  # model building and data set-up included
     write_json(step_dir / "metrics.json", metrics)
     return metrics
@@ -87,8 +105,8 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
     resume = bool(cfg.get("resume"))
     steps: dict[str, dict] = {}
     if p.train_teacher:
-        steps["teacher"] = run_step("1_teacher", with_stage(cfg, "finetune", {"finetune": dict(p.teacher)}),
-                                    run_dir, resume)
+        steps["teacher"] = run_step("teacher", with_stage(cfg, "finetune", {"finetune": dict(p.teacher)}), run_dir,
+                                    resume)
         teacher_file = run_dir / "1_teacher" / "model.safetensors"
         teacher_cfg = trained_teacher_config(teacher_file)
     else:
@@ -96,14 +114,14 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
         teacher_cfg = cfg.teacher
     distill_cfg = with_stage(cfg, "distill")
     distill_cfg.teacher = teacher_cfg
-    steps["distill"] = run_step("2_distill", distill_cfg, run_dir, resume)
+    steps["distill"] = run_step("distill", distill_cfg, run_dir, resume)
     runs = {"finetune_teacher": {"pretrained": str(teacher_file)},
             "finetune_student": {"pretrained": str(run_dir / "2_distill" / "student.safetensors")}}
     if p.scratch_baseline:
         runs["finetune_scratch"] = {"pretrained": None, "scratch": "student"}
-    for i, (name, source) in enumerate(runs.items()):
+    for name, source in runs.items():
         sub = with_stage(cfg, "finetune", {"finetune": {**dict(p.finetune), **source}})
-        steps[name] = run_step(f"3{'abc'[i]}_{name}", sub, run_dir, resume)
+        steps[name] = run_step(name, sub, run_dir, resume)
     pair = {"teacher": teacher_file, "fd_student": run_dir / "2_distill" / "student.safetensors"}
     extra = {}
     if p.get("diagnose"):
@@ -114,21 +132,32 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
     metrics.update(flatten_extra(extra))
     metrics["total_wall_s"] = sum(v for k, v in metrics.items() if k.endswith("wall_s") and v is not None)
     text = results_markdown(cfg, steps, metrics, extra)
+    log.info("pipeline step 6: results (results.md, metrics.json) in %s", run_dir)
     write_text(run_dir / "results.md", text)
     print(text, flush=True)
     return metrics
 
 
+def diagnose_config(cfg: DictConfig, checkpoints: list[Path], names: list[str]) -> DictConfig:
+    """Step 4's config: pipeline.diagnose_settings over the diagnose stage's defaults, with the landscape loss forced
+    to LANDSCAPE_LOSS for every checkpoint (left to itself the stage scores the teacher, which has a head, with cross
+    entropy and the distilled student with its FD loss: two scales that do not compare)."""
+    sub = with_stage(cfg, "diagnose", {"diagnose": {"checkpoints": [str(c) for c in checkpoints], "names": names,
+                                                    **dict(cfg.pipeline.diagnose_settings)}})
+    sub.diagnose.landscape.loss = LANDSCAPE_LOSS
+    return sub
+
+
 def diagnose_step(cfg: DictConfig, pair: dict[str, Path], run_dir: Path, resume: bool) -> dict:
     """Step 4: the diagnose stage on teacher and FD student, both scored with a linear-probe loss so their
     landscapes compare (the FD loss exists for the student only)."""
-    sub = with_stage(cfg, "diagnose", {"diagnose": {"checkpoints": [str(v) for v in pair.values()],
-                                                    "names": list(pair), **dict(cfg.pipeline.diagnose_settings)}})
+    names = {"teacher": "teacher", "fd_student": "FD student"}
+    sub = diagnose_config(cfg, list(pair.values()), [names[k] for k in pair])
     start = time.perf_counter()
-    run_step("4_diagnose", sub, run_dir, resume)
+    run_step("diagnose", sub, run_dir, resume)
     summary = read_summary(run_dir / "4_diagnose")
-    rows = {name: {"attn_distance_spread": s["attn_distance_spread"], "sharpness": s["sharpness"]}
-            for name, s in summary.items()}
+    rows = {key: {k: summary.get(names[key], summary.get(key, {})).get(k)  # key: a run from before the renaming
+                  for k in ("attn_distance_spread", "sharpness", "landscape_loss")} for key in pair}
     rows["teacher"]["wall_s"] = time.perf_counter() - start  # one run for both, counted once
     return rows
 
@@ -140,10 +169,13 @@ def segment_step(cfg: DictConfig, pair: dict[str, Path], run_dir: Path, resume: 
         step_dir = run_dir / f"5_segment_{name}"
         start = time.perf_counter()
         if resume and (step_dir / "metrics.json").is_file():
+            log.info("pipeline step 5: %s already done, reusing %s", LABELS[f"segment_{name}"], step_dir)
             miou = json.loads((step_dir / "metrics.json").read_text())["val/mIoU"]
         else:
+            announce(f"segment_{name}", "segment", step_dir)
             miou = segmentation_miou(cfg, path, step_dir, resume=resume and step_dir.is_dir(),
                                      **dict(cfg.pipeline.segment_settings))
+            finish_wandb()
         out[name] = {"val/mIoU": miou, "wall_s": time.perf_counter() - start}
     return out
 
@@ -175,7 +207,19 @@ def _num(value, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
-def extra_rows(extra: dict) -> list[str]:
+def sharpness_label(d: dict, settings: DictConfig) -> str:
+    """What the sharpness row measured: the loss each checkpoint was scored on, how far out, on how many images."""
+    losses = {key: row.get("landscape_loss") for key, row in d.items()}
+    ls = settings.landscape
+    where = (f"at ±{ls.span:g} along a filter-normalised random direction, mean of both ends "
+             f"({ls.num_images or settings.num_images} val images; lower is flatter)")
+    if set(losses.values()) == {"probe"}:
+        return f"loss-landscape sharpness: rise of a linear probe's cross entropy {where}"
+    named = ", ".join(f"{key} {loss}" for key, loss in losses.items())
+    return f"loss-landscape sharpness: rise of each model's own loss ({named}: not comparable) {where}"
+
+
+def extra_rows(extra: dict, diagnose_settings: DictConfig) -> list[str]:
     """Teacher vs FD student rows of the diagnose and segment steps."""
     if not extra:
         return []
@@ -186,7 +230,7 @@ def extra_rows(extra: dict) -> list[str]:
         rows.append(f"| attention-distance spread over heads (px, mean over layers; higher is more diverse) | "
                     f"{d['teacher']['attn_distance_spread']:.3f} | {d['fd_student']['attn_distance_spread']:.3f} | "
                     f"{wall:.1f} |")
-        rows.append(f"| loss-landscape sharpness (linear-probe loss rise at ±span, lower is flatter) | "
+        rows.append(f"| {sharpness_label(d, diagnose_settings)} | "
                     f"{d['teacher']['sharpness']:.3f} | {d['fd_student']['sharpness']:.3f} | |")
     s = extra.get("segment")
     if s:
@@ -196,17 +240,12 @@ def extra_rows(extra: dict) -> list[str]:
 
 
 def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict, extra: dict | None = None) -> str:
-    labels = {"teacher": "teacher trained from scratch with labels", "distill": "FD: teacher -> fresh student",
-              "finetune_teacher": "teacher fine-tuned", "finetune_student": "FD student fine-tuned",
-              "finetune_scratch": "student architecture fine-tuned from random weights"}
-    numbers = {"teacher": "1", "distill": "2", "finetune_teacher": "3a", "finetune_student": "3b",
-               "finetune_scratch": "3c"}
     rows = ["| step | run | val top-1 | val top-5 | FD loss first -> last | img/s | wall (s) |",
             "|---|---|---|---|---|---|---|"]
     for name, m in steps.items():
         loss = f"{m['first_loss']:.4f} -> {m['last_loss']:.4f}" if name == "distill" else "–"
         top1 = None if name == "distill" else m.get("val/top1")
-        rows.append(f"| {numbers[name]} | {labels[name]} ({m.get('steps', '?')} steps) | {_pct(top1)} | "
+        rows.append(f"| {NUMBERS[name]} | {LABELS[name]} ({m.get('steps', '?')} steps) | {_pct(top1)} | "
                     f"{_pct(m.get('val/top5'))} | {loss} | {_num(m.get('img_per_s'), '.0f')} | "
                     f"{_num(m.get('step_wall_s', m.get('wall_s')), '.1f')} |")
     t, s = metrics["finetune_teacher/val/top1"], metrics["finetune_student/val/top1"]
@@ -217,8 +256,10 @@ def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict, ext
     return "\n".join([
         "# fdlight pipeline results", "",
         f"Data: {cfg.data.name} ({cfg.data.get('num_train', '?')} train / {n or '?'} val images); "
-        f"step 3: the same fine-tuning recipe and budget for every run, {ft.epochs} epochs each.", "",
-        *rows, *extra_rows(extra or {}), "",
+        f"step 3: the same fine-tuning recipe and budget for every run, "
+        f"{ft.epochs} epoch{'s' * (ft.epochs != 1)} each.",
+        "",
+        *rows, *extra_rows(extra or {}, diagnose_config(cfg, [], []).diagnose), "",
         f"FD student fine-tuned minus teacher fine-tuned: {100 * (s - t):+.1f} points top-1{noise}.",
         f"Total wall time: {metrics['total_wall_s']:.0f} s.", "",
     ])
