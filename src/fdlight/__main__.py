@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from fdlight.config import GROUPS, compose, group_choices, top_level_keys
+from fdlight.config import GROUPS, compose, expand_teacher_list, group_choices, top_level_keys
 from fdlight.errors import FDLightError
 
 # Hydra's flags that take the next argument as their value, and those that point it at a user's own config
@@ -246,6 +246,8 @@ def main() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
     try:
+        # teacher=[a,b] composes each teacher under teacher.<name>; rewritten in argv, which DDP ranks re-run
+        sys.argv[1:] = expand_teacher_list(sys.argv[1:])
         check_group_overrides(sys.argv[1:])
         check_stage_sections(sys.argv[1:])
         check_run(sys.argv[1:])
