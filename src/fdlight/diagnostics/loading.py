@@ -9,8 +9,8 @@ Checkpoint specs (`diagnose.checkpoints=[...]`):
   <file>.safetensors written by fdlight (timm name + kwargs in its metadata; a segmentation model gives its backbone)
   <file>.ckpt        a Lightning checkpoint of stage=distill (rebuilt from the run's config.yaml)
   any other .pt/.pth/.bin/.safetensors: a teacher's own weights, read with the architecture of the config's teacher
-A distilled student next to its run's config.yaml and checkpoints/last.ckpt also gets its teacher and projector back,
-so its FD loss can be evaluated.
+A distilled student next to its run's config.yaml and checkpoints/last.ckpt also gets its teacher(s) and
+projector(s) back, so its FD loss (per teacher, with several) can be evaluated.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from fdlight.config import group_choices, group_config
+from fdlight.config import group_choices, group_config, teacher_label
 from fdlight.data.folders import SafeImageFolder, class_folder
 from fdlight.data.synthetic import SyntheticClassification
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -46,9 +46,10 @@ FOREIGN_WEIGHTS = (".pt", ".pth", ".bin", ".safetensors")
 
 @dataclass
 class DistillRun:
-    """What rebuilds a student's FD objective: the run's config and its projector weights."""
+    """What rebuilds a student's FD objective: the run's config and the checkpoint's other tensors (projector(s),
+    PHI-S statistics), under their module keys."""
     config: DictConfig
-    projector: dict[str, torch.Tensor]
+    heads: dict[str, torch.Tensor]
     student_from_ckpt: dict[str, torch.Tensor] | None = None
 
 
@@ -201,7 +202,7 @@ def _ckpt_state(path: Path) -> dict:
 
 
 def distill_run(run_dir: Path, ckpt: Path | None = None) -> DistillRun | None:
-    """The run's config and projector, when the student sits in an intact distillation run directory."""
+    """The run's config and heads, when the student sits in an intact distillation run directory."""
     ckpt = ckpt or run_dir / "checkpoints" / "last.ckpt"
     cfg_path = run_dir / "config.yaml"
     if not (cfg_path.is_file() and ckpt.is_file()):
@@ -210,11 +211,11 @@ def distill_run(run_dir: Path, ckpt: Path | None = None) -> DistillRun | None:
     if rcfg.get("stage") != "distill" or "teacher" not in rcfg:
         return None
     sd = _ckpt_state(ckpt)
-    projector = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
+    heads = {k: v for k, v in sd.items() if not k.startswith("student.")}
     student = {k.removeprefix("student."): v for k, v in sd.items() if k.startswith("student.")}
-    if not projector:
+    if not heads:
         return None
-    return DistillRun(rcfg, projector, student or None)
+    return DistillRun(rcfg, heads, student or None)
 
 
 def ckpt_subject(path: Path, name: str) -> Subject:
@@ -233,13 +234,17 @@ def ckpt_subject(path: Path, name: str) -> Subject:
     _load_strict(student, run.student_from_ckpt, path, f"student {run.config.student.name!r}")
     return Subject(name, str(path), "distilled student", student, _img_size(student), run=run,
                    info={"timm_model": str(run.config.student.model), "stage": "distill",
-                         "teacher": str(run.config.teacher.name)})
+                         "teacher": teacher_label(run.config)})
 
 
 def build_fd_module(subject: Subject) -> FeatureDistillation:
-    """The FeatureDistillation module of a distilled student: its rebuilt teacher, its projector, its loss settings."""
+    """The FeatureDistillation module of a distilled student: its rebuilt teacher(s), projector(s), PHI-S statistics
+    and loss settings."""
     module = FeatureDistillation.from_config(subject.run.config, student=subject.model, train=False)
-    _load_strict(module.projector, subject.run.projector, subject.source, "the distillation projector")
+    missing, unexpected = module.load_state_dict(subject.run.heads, strict=False)
+    missing = [k for k in missing if not k.startswith("student.")]
+    check(not missing and not unexpected, f"{subject.source}: the checkpoint's projectors do not fit its run's "
+                                          f"config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return module
 
 
