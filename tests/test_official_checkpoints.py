@@ -222,7 +222,7 @@ def test_official_vit_distillation_checkpoint_in_diagnose_with_its_fd_objective(
     own = load_subject(str(vit["export"]), cfg)
     assert subject.kind == "distilled student" and subject.info["layout"] == official.VIT_DISTILL.name
     assert torch.equal(features(subject.model, batch), features(own.model, batch))
-    assert torch.equal(subject.run.projector["weight"], vit["projector"].weight.detach())
+    assert torch.equal(subject.run.heads["projector.weight"], vit["projector"].weight.detach())
     module = build_fd_module(subject)
     with torch.no_grad():
         pred = module.prediction(batch)
@@ -238,9 +238,9 @@ def test_the_fd_objective_needs_the_teacher_the_projector_was_trained_against(vi
     subject = load_subject(str(vit["official"]), compose([*TINY, *DIAGNOSE]))
     wider = OmegaConf.merge(subject.run.config, {"teacher": {"name": "clip_vitb", "dim": 768}})
     with pytest.raises(FDLightError, match="maps to 64 channels but teacher=clip_vitb has 768; pass teacher="):
-        check_projector_teacher(type(subject.run)(wider, subject.run.projector), subject.source)
+        check_projector_teacher(type(subject.run)(wider, subject.run.heads), subject.source)
     with pytest.raises(FDLightError, match="was distilled from teacher deit_vitb, not teacher=tiny"):
-        check_projector_teacher(type(subject.run)(subject.run.config, subject.run.projector, None, "deit_vitb"),
+        check_projector_teacher(type(subject.run)(subject.run.config, subject.run.heads, None, "deit_vitb"),
                                 subject.source)
 
 
@@ -271,7 +271,7 @@ def test_official_swin_student_loads_everywhere_like_the_export(swin, batch, tmp
     OmegaConf.set_struct(cfg, False)
     cfg.student = swin["cfg"]
     subject = load_subject(str(swin["official"]), cfg)
-    assert subject.kind == "distilled student" and subject.run.projector["weight"].shape == (64, 64)
+    assert subject.kind == "distilled student" and subject.run.heads["projector.weight"].shape == (64, 64)
     own = load_subject(str(swin["export"]), cfg)
     assert torch.equal(features(subject.model, batch), features(own.model, batch))
     out = tmp_path / "swin.safetensors"

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from fdlight import console
 from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error
-from fdlight.config import GROUPS, compose, group_choices, top_level_keys
+from fdlight.config import GROUPS, compose, expand_teacher_list, group_choices, top_level_keys
 from fdlight.errors import FDLightError
 from fdlight.runs.directory import check_writable
 
@@ -227,6 +227,8 @@ def _app(cfg: DictConfig) -> float | None:
 def main() -> None:
     console.setup()
     try:
+        # teacher=[a,b] composes each teacher under teacher.<name>; rewritten in argv, which DDP ranks re-run
+        sys.argv[1:] = expand_teacher_list(sys.argv[1:])
         check_group_overrides(sys.argv[1:])
         check_stage_sections(sys.argv[1:])
         check_run(sys.argv[1:])

@@ -8,7 +8,7 @@ from importlib import resources
 
 from omegaconf import DictConfig, OmegaConf
 
-from fdlight.errors import check
+from fdlight.errors import FDLightError, check
 
 CONFIG_MODULE = "fdlight.conf"
 GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger", "experiment")
@@ -20,6 +20,7 @@ def compose(overrides=(), with_hydra: bool = False) -> DictConfig:
     from hydra import compose as hydra_compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    overrides = expand_teacher_list(list(overrides))
     if GlobalHydra.instance().is_initialized():
         return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=with_hydra)
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
@@ -81,3 +82,90 @@ def with_stage(cfg: DictConfig, stage: str, updates: dict | None = None) -> Dict
     for key, value in (updates or {}).items():
         OmegaConf.update(sub, key, value, merge=True)
     return sub
+
+
+# --------------------------------------------------------------------------------------------- several teachers
+def _parse(arg: str):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        return OverridesParser.create().parse_override(arg)
+    except Exception:  # noqa: BLE001 - Hydra reports its own syntax errors
+        return None
+
+
+def _teacher_selection(arg: str):
+    """The teachers an override selects: a list for `teacher=[a,b]`, a name for `teacher=a`, None otherwise."""
+    if not arg.startswith("teacher="):
+        return None
+    o = _parse(arg)
+    if o is None or o.package is not None:
+        return None
+    if o.is_sweep_override():
+        check(not any(isinstance(v, list) for v in o.value().list), f"{arg!r} sweeps over lists of teachers; run "
+                                                                    f"one command per list of teachers")
+        return None
+    return o.value()
+
+
+def expand_teacher_list(overrides: list[str]) -> list[str]:
+    """`teacher=[a,b]` as Hydra's own package overrides (`~teacher +teacher@teacher.a=a +teacher@teacher.b=b`), so each
+    teacher's file composes under `teacher.<name>` instead of all of them merging into one `teacher`; a
+    `teacher.<key>=v` that names no listed teacher is set for every teacher. Other command lines pass unchanged."""
+    names = None
+    for arg in overrides:
+        chosen = _teacher_selection(arg)
+        if chosen is not None:
+            names = [str(n) for n in chosen] if isinstance(chosen, list) else None
+    if names is None or len(names) < 2:
+        return list(overrides)
+    check_teacher_names(names)
+    out = []
+    for arg in overrides:
+        if _teacher_selection(arg) is not None:
+            continue
+        out.extend(_per_teacher(arg, names))
+    return [*out, "~teacher", *(f"+teacher@teacher.{n}={n}" for n in names)]
+
+
+def check_teacher_names(names: list[str]) -> None:
+    choices = group_choices("teacher")
+    listed = f"teacher=[{','.join(names)}]"
+    for n in names:
+        check(n in choices, f"unknown teacher {n!r} in {listed}; choose from: {', '.join(choices)}")
+        check(names.count(n) == 1, f"{listed} names {n} twice; list each teacher once")
+
+
+def _per_teacher(arg: str, names: list[str]) -> list[str]:
+    """`teacher.key=v` -> one `teacher.<name>.key=v` per teacher; `teacher.<name>.key=v` and the rest as they are."""
+    head, sep, value = arg.partition("=")
+    prefix = head[:len(head) - len(head.lstrip("+~"))]
+    key = head[len(prefix):]
+    parts = key.split(".")
+    if parts[0] != "teacher" or len(parts) < 2 or parts[1] in names:
+        return [arg]
+    return [f"{prefix}teacher.{n}.{'.'.join(parts[1:])}{sep}{value}" for n in names]
+
+
+def several_teachers(cfg: DictConfig) -> bool:
+    """Whether `teacher` holds a list's teachers keyed by name rather than one teacher's settings."""
+    return cfg.get("teacher") is not None and "builder" not in cfg.teacher
+
+
+def teacher_configs(cfg: DictConfig) -> dict[str, DictConfig]:
+    """{name: teacher config}: the one teacher of `teacher=<name>` (under teacher.name), or each of `teacher=[a,b]`
+    (under its config name), in the listed order."""
+    if not several_teachers(cfg):
+        return {str(cfg.teacher.name): cfg.teacher}
+    names = [str(k) for k, v in cfg.teacher.items() if OmegaConf.is_dict(v) and "builder" in v]
+    for key, value in cfg.teacher.items():
+        if not (OmegaConf.is_dict(value) and "builder" in value):
+            raise FDLightError(f"teacher.{key} is not one of the listed teachers ({', '.join(names)}): with several "
+                               f"teachers, set a teacher's setting for each, e.g. teacher.{names[0] if names else 'a'}"
+                               f".{key}=...")
+    return {str(k): v for k, v in cfg.teacher.items()}
+
+
+def teacher_label(cfg: DictConfig) -> str:
+    """The teacher's name, or the listed teachers joined by '+'."""
+    return "+".join(teacher_configs(cfg)) if several_teachers(cfg) else str(cfg.teacher.name)

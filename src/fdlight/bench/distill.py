@@ -2,7 +2,8 @@
 
 Prints img/s, teacher vs student milliseconds, peak memory and model FLOPs utilisation (FLOPs counted with
 torch's FlopCounterMode on the real step, not estimated). Any config override may follow the flags, e.g.
-`python -m fdlight.bench --batch 128 --compile teacher=clip_vitb student=vit_b16`.
+`python -m fdlight.bench --batch 128 --compile teacher=clip_vitb student=vit_b16`; several teachers run one after
+another on the same batch: `python -m fdlight.bench 'teacher=[clip_vitb,dino_vitb]'` (teacher_ms is all of them).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from fdlight.bench.timing import peak_tflops, profile_step, timed
-from fdlight.config import compose
+from fdlight.config import compose, teacher_label
 from fdlight.models.attention import set_attention
 from fdlight.models.pretrained import Architecture, build_from_pretrained
 from fdlight.models.students import student_kwargs
@@ -47,7 +48,8 @@ def main(argv=None) -> dict:
         return finetune_bench(cfg, batch, args, dev)
     module = build_distillation(cfg).to(dev)
     bf16 = dev == "cuda"
-    module.teacher.to(device=dev, dtype=torch.bfloat16 if bf16 else torch.float32)
+    for teacher in module.teachers.values():
+        teacher.to(device=dev, dtype=torch.bfloat16 if bf16 else torch.float32)
     opt, sched = module.build_optimizer(total_steps=10_000, total_batch=batch, fused=dev == "cuda")
     params = [p for g in opt.param_groups for p in g["params"]]
     size = module.student_layout.img_size
@@ -78,11 +80,11 @@ def main(argv=None) -> dict:
 
     def teacher_only():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            module.target(x)
+            module.targets(x)
 
     def student_only():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            module.prediction(x).float().square().mean().backward()
+            sum(p.float().square().mean() for p in module.predictions(x).values()).backward()
         opt.zero_grad(set_to_none=True)
 
     # each part alone and eager (the step may be compiled), after warm-up calls of its own
@@ -91,7 +93,7 @@ def main(argv=None) -> dict:
     ips = batch / step_s
     peak = peak_tflops(dev, args.peak_tflops)
     achieved = ips * flops_per_img / 1e12
-    result = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", teacher=cfg.teacher.name,
+    result = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", teacher=teacher_label(cfg),
                   student=cfg.student.name, batch=batch, compile=args.compile, img_per_s=round(ips, 1),
                   step_ms=round(step_s * 1e3, 2), teacher_ms=round(teacher_s * 1e3, 2),
                   student_fwd_bwd_ms=round(student_s * 1e3, 2), peak_mem_gib=round(mem, 2),

@@ -4,7 +4,9 @@ The centre is the trained model. Two directions are drawn from a seeded Gaussian
 filter-normalised: each slice along dim 0 of a tensor with ndim >= 2 (a Linear output row, a conv output channel, a
 row of a bias table) gets the norm of the matching weight slice; tensors with ndim <= 1 (biases, norms, layer scale)
 get a zero direction. The surface is L(w + a*d1 + b*d2) on a grid over fixed batches, in eval mode, without gradients.
-Sharpness = mean loss increase at the two ends a = +-span of the 1-D curve along d1.
+Sharpness = mean loss increase at the two ends a = +-span of the 1-D curve along d1. An objective with parts (the FD
+loss of a student distilled from several teachers) also gets each part's surface, curve and sharpness, from the same
+evaluations along the same directions.
 """
 from __future__ import annotations
 
@@ -36,6 +38,10 @@ class Objective:
 
     def batch_loss(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def batch_loss_parts(self, x: torch.Tensor, target) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and its named parts ({} for an objective without parts)."""
+        return self.batch_loss(x, target), {}
 
     def batch_correct(self, x: torch.Tensor, target: torch.Tensor) -> int | None:
         return None
@@ -79,16 +85,25 @@ class ProbeLoss(_Logits):
 
 
 class DistillationLoss(Objective):
-    """The FD loss of a distilled student + projector against the whitened tokens of its (unperturbed) teacher."""
+    """The FD loss of a distilled student + projector against the whitened tokens of its (unperturbed) teacher; with
+    several teachers the weighted total, each teacher's own loss a part."""
     kind = "fd"
 
     def __init__(self, fd_module: nn.Module, images: list[torch.Tensor]):
         with torch.no_grad():
-            batches = [(x, fd_module.target(x)) for x in images]
+            batches = [(x, fd_module.target(x) if fd_module.single else fd_module.targets(x)) for x in images]
         super().__init__(fd_module, batches)
 
     def batch_loss(self, x, target):
-        return fd_loss(self.module.prediction(x), target, self.module.loss_beta)
+        return self.batch_loss_parts(x, target)[0]
+
+    def batch_loss_parts(self, x, target):
+        m = self.module
+        if m.single:
+            return fd_loss(m.prediction(x), target, m.loss_beta), {}
+        preds = m.predictions(x)
+        parts = {n: fd_loss(preds[n], target[n], m.loss_beta) for n in m.names}
+        return m.weighted(parts), parts
 
 
 @torch.no_grad()
@@ -120,13 +135,23 @@ def fit_probe(backbone: nn.Module, batches, num_classes: int, l2: float = 1e-3, 
 @torch.no_grad()
 def evaluate(objective: Objective) -> tuple[float, float | None]:
     """(mean loss, accuracy or None) over every batch, weighted by batch size."""
-    total, correct, n = 0.0, 0, 0
+    loss, acc, _ = evaluate_parts(objective)
+    return loss, acc
+
+
+@torch.no_grad()
+def evaluate_parts(objective: Objective) -> tuple[float, float | None, dict[str, float]]:
+    """evaluate() and the mean of each named part of the loss."""
+    total, correct, n, parts = 0.0, 0, 0, {}
     for x, t in objective.batches:
-        total += float(objective.batch_loss(x, t)) * len(x)
+        loss, batch_parts = objective.batch_loss_parts(x, t)
+        total += float(loss) * len(x)
+        for name, value in batch_parts.items():
+            parts[name] = parts.get(name, 0.0) + float(value) * len(x)
         c = objective.batch_correct(x, t)
         correct = None if c is None else correct + c
         n += len(x)
-    return total / n, (None if correct is None else correct / n)
+    return total / n, (None if correct is None else correct / n), {k: v / n for k, v in parts.items()}
 
 
 # --------------------------------------------------------------------------------------------------- directions
@@ -194,14 +219,14 @@ def loss_landscape(objective: Objective, steps: int, span: float, seed: int = 0,
             p.copy_(origin[n] + a * d1[n] + b * d2[n])
 
     try:
-        base, base_acc = evaluate(objective)
+        base, base_acc, base_parts = evaluate_parts(objective)
         surface, curve, curve_acc = [], None, None
         if two_d:
             for b in coords:
                 row = []
                 for a in coords:
                     move(a, b)
-                    row.append(evaluate(objective))
+                    row.append(evaluate_parts(objective))
                 surface.append(row)
         if two_d and steps % 2 == 1:  # the beta = 0 row is the 1-D curve
             curve_pts = surface[steps // 2]
@@ -209,15 +234,25 @@ def loss_landscape(objective: Objective, steps: int, span: float, seed: int = 0,
             curve_pts = []
             for a in coords:
                 move(a, 0.0)
-                curve_pts.append(evaluate(objective))
-        curve = [v for v, _ in curve_pts]
+                curve_pts.append(evaluate_parts(objective))
+        curve = [v for v, _, _ in curve_pts]
         if base_acc is not None:
-            curve_acc = [acc for _, acc in curve_pts]
+            curve_acc = [acc for _, acc, _ in curve_pts]
     finally:
         move(0.0, 0.0)
-    return Landscape(objective.kind, coords, [[v for v, _ in row] for row in surface], curve, base, base_acc,
-                     curve_acc, {"seed": int(seed), "steps": steps, "span": float(span),
-                                 "num_images": objective.num_images})
+    extra = {"seed": int(seed), "steps": steps, "span": float(span), "num_images": objective.num_images}
+    if base_parts:
+        extra["parts"] = {name: part_landscape(name, coords, surface, curve_pts, base_parts[name])
+                          for name in base_parts}
+    return Landscape(objective.kind, coords, [[v for v, _, _ in row] for row in surface], curve, base, base_acc,
+                     curve_acc, extra)
+
+
+def part_landscape(name: str, coords: list[float], surface: list, curve_pts: list, origin: float) -> dict:
+    """One part's surface, curve and sharpness, read from the evaluations of the whole objective."""
+    part = Landscape("part", coords, [[p[name] for _, _, p in row] for row in surface],
+                     [p[name] for _, _, p in curve_pts], origin).to_json()
+    return {k: part[k] for k in ("surface", "curve", "origin", "sharpness", "sharpness_rel", "mean_increase_2d")}
 
 
 # ------------------------------------------------------------------------------------------------------ Hessian

@@ -12,10 +12,11 @@ Checkpoint specs (`diagnose.checkpoints=[...]`):
                      projector, or a fine-tuned classifier; its architecture is the first student config, the
                      config's `student` then the shipped ones, whose shapes it has
   any other .pt/.pth/.bin/.safetensors: a teacher's own weights, read with the architecture of the config's teacher
-A distilled student next to its run's config.yaml and checkpoints/last.ckpt also gets its teacher and projector back,
-so its FD loss can be evaluated. An official distillation checkpoint has its projector but not its teacher: its FD
-loss is evaluated against the config's teacher (`teacher=<the config it was distilled from>`, e.g. teacher=clip_vitb),
-which must give the projector's width (and be the teacher the file's own config names, when it names one).
+A distilled student next to its run's config.yaml and checkpoints/last.ckpt also gets its teacher(s) and
+projector(s) back, so its FD loss (per teacher, with several) can be evaluated. An official distillation checkpoint has
+its projector but not its teacher: its FD loss is evaluated against the config's teacher (`teacher=<the config it was
+distilled from>`, e.g. teacher=clip_vitb), which must give the projector's width (and be the teacher the file's own
+config names, when it names one).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
-from fdlight.config import group_choices, group_config, section
+from fdlight.config import group_choices, group_config, section, teacher_label
 from fdlight.data.folders import SafeImageFolder, class_folder
 from fdlight.data.synthetic import SyntheticClassification
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
@@ -52,9 +53,10 @@ FOREIGN_WEIGHTS = (".pt", ".pth", ".bin", ".safetensors")
 
 @dataclass
 class DistillRun:
-    """What rebuilds a student's FD objective: the run's config and its projector weights."""
+    """What rebuilds a student's FD objective: the run's config and the checkpoint's other tensors (projector(s),
+    PHI-S statistics), under their module keys."""
     config: DictConfig
-    projector: dict[str, torch.Tensor]
+    heads: dict[str, torch.Tensor]
     student_from_ckpt: dict[str, torch.Tensor] | None = None
     teacher_named: str | None = None  # the teacher config an official checkpoint's own config names
 
@@ -211,7 +213,8 @@ def official_run(cfg: DictConfig, match: official.Match, converted: official.Con
                              "student": OmegaConf.to_container(match.config, resolve=True),
                              "whitening": OmegaConf.to_container(cfg.whitening, resolve=True),
                              "distill": OmegaConf.to_container(section(cfg, "distill"), resolve=True)})
-    return DistillRun(rcfg, converted.projector, teacher_named=converted.teacher)
+    heads = {f"projector.{k}": v for k, v in converted.projector.items()}
+    return DistillRun(rcfg, heads, teacher_named=converted.teacher)
 
 
 def _img_size(model: nn.Module) -> int:
@@ -266,7 +269,7 @@ def _ckpt_state(path: Path) -> dict:
 
 
 def distill_run(run_dir: Path, ckpt: Path | None = None) -> DistillRun | None:
-    """The run's config and projector, when the student sits in an intact distillation run directory."""
+    """The run's config and heads, when the student sits in an intact distillation run directory."""
     ckpt = ckpt or run_dir / "checkpoints" / "last.ckpt"
     cfg_path = run_dir / "config.yaml"
     if not (cfg_path.is_file() and ckpt.is_file()):
@@ -275,11 +278,11 @@ def distill_run(run_dir: Path, ckpt: Path | None = None) -> DistillRun | None:
     if rcfg.get("stage") != "distill" or "teacher" not in rcfg:
         return None
     sd = _ckpt_state(ckpt)
-    projector = {k.removeprefix("projector."): v for k, v in sd.items() if k.startswith("projector.")}
+    heads = {k: v for k, v in sd.items() if not k.startswith("student.")}
     student = {k.removeprefix("student."): v for k, v in sd.items() if k.startswith("student.")}
-    if not projector:
+    if not heads:
         return None
-    return DistillRun(rcfg, projector, student or None)
+    return DistillRun(rcfg, heads, student or None)
 
 
 def ckpt_subject(path: Path, name: str) -> Subject:
@@ -298,23 +301,31 @@ def ckpt_subject(path: Path, name: str) -> Subject:
     _load_strict(student, run.student_from_ckpt, path, f"student {run.config.student.name!r}")
     return Subject(name, str(path), "distilled student", student, _img_size(student), run=run,
                    info={"timm_model": str(run.config.student.model), "stage": "distill",
-                         "teacher": str(run.config.teacher.name)})
+                         "teacher": teacher_label(run.config)})
 
 
 def build_fd_module(subject: Subject) -> FeatureDistillation:
-    """The FeatureDistillation module of a distilled student: its rebuilt teacher, its projector, its loss settings."""
+    """The FeatureDistillation module of a distilled student: its rebuilt teacher(s), projector(s), PHI-S statistics
+    and loss settings."""
     check_projector_teacher(subject.run, subject.source)
     module = FeatureDistillation.from_config(subject.run.config, student=subject.model, train=False)
-    _load_strict(module.projector, subject.run.projector, subject.source, "the distillation projector")
+    missing, unexpected = module.load_state_dict(subject.run.heads, strict=False)
+    missing = [k for k in missing if not k.startswith("student.")]
+    check(not missing and not unexpected, f"{subject.source}: the checkpoint's projectors do not fit its run's "
+                                          f"config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return module
 
 
 def check_projector_teacher(run: DistillRun, source: str) -> None:
-    """The teacher must be the one the projector was trained against: its width, and its name when the file says."""
+    """The teacher must be the one the projector was trained against: its width, and its name when the file says
+    (a run with one teacher: several teachers' projectors are checked by loading them)."""
+    weight = run.heads.get("projector.weight")
+    if weight is None:
+        return
     named, teacher = run.teacher_named, run.config.teacher
     check(named in (None, teacher.name), f"{source} was distilled from teacher {named}, not teacher={teacher.name}; "
                                          f"pass teacher={named} for its FD loss")
-    width, dim = int(run.projector["weight"].shape[0]), teacher.get("dim")
+    width, dim = int(weight.shape[0]), teacher.get("dim")
     check(dim is None or int(dim) == width,
           f"the projector of {source} maps to {width} channels but teacher={teacher.name} has {dim}; pass "
           f"teacher=<the config it was distilled from> (e.g. clip_vitb, dino_vitb, deit_vitb: 768; clip_vitl, "

@@ -1,11 +1,12 @@
-"""Token layouts (resolution, stride, prefix tokens, width), the token map of a timm model, and the student/teacher
-grid check."""
+"""Token layouts (resolution, stride, prefix tokens, width), the token map of a timm model, the student/teacher
+grid check, and the opt-in resampling of a teacher's token map to the student's grid."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fdlight.errors import FDLightError
 
@@ -56,14 +57,31 @@ def checked_layout(declared: dict, actual: TokenLayout, who: str) -> TokenLayout
     return actual
 
 
-def check_grids(student: TokenLayout, teacher: TokenLayout, matching: list[str] = ()) -> None:
-    """The loss pairs tokens one to one, so both grids must match (no feature-map interpolation, as in FD).
-    `matching` names student configs whose declared grid fits the teacher's, for the message."""
+def check_grids(student: TokenLayout, teacher: TokenLayout, matching: list[str] = (), who: str = "teacher") -> None:
+    """The loss pairs tokens one to one, so both grids must match (no feature-map interpolation, as in FD) unless the
+    teacher's tokens are resampled (`<who>.resample_tokens=true`). `matching` names student configs whose declared
+    grid fits the teacher's, for the message; `who` is the teacher's config key."""
     if student.grid == teacher.grid:
         return
     fix_px = teacher.grid * student.patch_size
     pick = f"student={' or student='.join(matching)}" if matching else "a matching student"
     raise FDLightError(
-        f"token grids differ: student {student.describe()} vs teacher {teacher.describe()}; "
+        f"token grids differ: student {student.describe()} vs {who} {teacher.describe()}; "
         f"train the student at student.img_size={fix_px} so it makes a {teacher.grid}x{teacher.grid} grid "
-        f"(the teacher's input is resized to its own {teacher.img_size} px), or pick {pick}")
+        f"(the teacher's input is resized to its own {teacher.img_size} px), resample the teacher's tokens to the "
+        f"student's grid with {who}.resample_tokens=true, or pick {pick}")
+
+
+def resample_grid(tokens: torch.Tensor, prefix: int, grid: int) -> torch.Tensor:
+    """(B, prefix + g*g, D) tokens -> (B, prefix + grid*grid, D): the g x g patch map resized bilinearly
+    (align_corners=False, no antialiasing); the prefix tokens pass through unchanged."""
+    head, patches = tokens[:, :prefix], tokens[:, prefix:]
+    b, n, d = patches.shape
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise FDLightError(f"cannot resample {n} patch tokens: they do not form a square grid")
+    if side == grid:
+        return tokens
+    maps = patches.transpose(1, 2).reshape(b, d, side, side)
+    maps = F.interpolate(maps.float(), size=(grid, grid), mode="bilinear", align_corners=False).to(patches.dtype)
+    return torch.cat([head, maps.flatten(2).transpose(1, 2)], dim=1)

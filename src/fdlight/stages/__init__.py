@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from fdlight.config import group_choices
+from fdlight.config import group_choices, several_teachers
 from fdlight.errors import FDLightError, check
 
 
@@ -27,4 +27,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict:
     if name not in available:
         raise FDLightError(f"unknown stage {name!r}; choose one of: {', '.join(available)}")
     check_trainer(cfg.trainer)
+    check(name == "distill" or not several_teachers(cfg),
+          f"a list of teachers (teacher=[...]) is distilled by stage=distill; stage={name} takes one teacher=")
     return importlib.import_module(f"fdlight.stages.{name}").run(cfg, Path(run_dir))

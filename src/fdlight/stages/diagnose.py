@@ -4,7 +4,9 @@ For the demo and notebooks: `summarize(paths, cfg)` returns {name: summary} with
 `diagnose_checkpoint(path, cfg)` returns one checkpoint's full Diagnosis; `read_summary(run_dir)` reads a finished run.
 Summary keys: attn_distance_spread (mean over layers of the std of head distances, px), attn_distance_mean (px),
 head_kl_mean, diagonality_mean, landscape_loss (ce | fd | probe | None), loss_at_origin, sharpness (mean loss increase
-at alpha = +-span along a filter-normalised direction), sharpness_rel (/ loss_at_origin), hessian_max_eigenvalue.
+at alpha = +-span along a filter-normalised direction), sharpness_rel (/ loss_at_origin), hessian_max_eigenvalue; a
+student distilled from several teachers adds teacher_sharpness ({teacher: sharpness of its own FD loss}), and its
+landscape's `parts` hold each teacher's surface and curve (the total is the weighted sum the run trained on).
 """
 from __future__ import annotations
 
@@ -218,6 +220,8 @@ def _diagnose(subject: Subject, cfg: DictConfig, d: DictConfig, device: torch.de
         "sharpness_rel": landscape["sharpness_rel"] if landscape else None,
         "hessian_max_eigenvalue": hessian["max_eigenvalue"] if hessian else None,
     }
+    if landscape and landscape.get("parts"):
+        summary["teacher_sharpness"] = {n: p["sharpness"] for n, p in landscape["parts"].items()}
     data = {"source": subject.source, "kind": subject.kind, "img_size": subject.img_size,
             "num_images": sum(len(x) for x in xs), "info": subject.info, "summary": summary,
             "attention": attention, "landscape": landscape, "hessian": hessian,
@@ -317,6 +321,8 @@ class Diagnose(Stage):
                      s.name if s.name.startswith(s.kind) else f"{s.name} ({s.kind})", sm["attn_distance_spread"],
                      sm["head_kl_mean"], sm["diagonality_mean"], sm["landscape_loss"],
                      "n/a" if sm["sharpness"] is None else f"{sm['sharpness']:.4g}")
+            for teacher, sharp in sm.get("teacher_sharpness", {}).items():
+                log.info("%s: fd sharpness against teacher %s %.4g", s.name, teacher, sharp)
         losses = sorted({r.summary["landscape_loss"] for r in results.values()} - {None})
         if len(losses) > 1:
             log.warning("the landscapes use different losses (%s): landscape.png draws each loss in its own panel; "
