@@ -48,7 +48,7 @@ class Distill(TrainingStage):
         if looks_like_file(cfg.teacher.weights):  # a missing file (not an open_clip tag such as `openai`)
             check_weights_file(cfg.teacher.weights, "teacher.weights")
         declared = [declared_layout(cfg.student, "student"), declared_layout(cfg.teacher, "teacher")]
-        if all(declared):
+        if all(declared) and declared[0].grid != declared[1].grid:  # the suggestions compose every student config
             check_grids(*declared, matching=students_with_grid(declared[1].grid))
 
     def build(self, cfg: DictConfig) -> Training:
