@@ -124,6 +124,9 @@ def test_wheel_carries_the_configs_and_runs_from_a_plain_install(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     configs = {f"fdlight/conf/{p.relative_to(REPO / 'conf').as_posix()}" for p in (REPO / "conf").rglob("*.yaml")}
     assert "fdlight/conf/teacher/clip_vitl.yaml" in configs and configs <= set(names)
+    src = REPO / "src" / "fdlight"
+    code = {f"fdlight/{p.relative_to(src).as_posix()}" for p in src.rglob("*.py")}
+    assert "fdlight/runs/template.py" in code and code <= set(names), sorted(code - set(names))  # every subpackage
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
                    check=True, capture_output=True)
     env = {"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}

@@ -54,3 +54,19 @@ def test_adamw_groups_follow_the_schedule_from_their_scaled_peak(decay):
     for peak, column in ((0.5e-3, 0), (1.0e-3, 1)):
         want = [1.0e-5, 1.0e-5 + (peak - 1.0e-5) / 2] + [1.0e-6 + (peak - 1.0e-6) * f for f in shape]
         assert [row[column] for row in seen] == pytest.approx(want, rel=1e-6)
+
+
+def test_on_a_cpu_the_update_is_the_fused_kernel_and_matches_torchs_loop():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64, 32))
+    start = w.detach().clone()
+    twin = torch.nn.Parameter(start.clone())
+    opt, _ = adamw_with_schedule([{"params": [w], "weight_decay": 0.05}], 1e-2, 1e-2, 1e-2, 0, 10)
+    loop = torch.optim.AdamW([{"params": [twin], "weight_decay": 0.05}], lr=1e-2, eps=1e-8, foreach=False)
+    assert opt.param_groups[0]["fused"] is True
+    for step in range(5):
+        grad = torch.randn(64, 32)
+        w.grad, twin.grad = grad.clone(), grad.clone()
+        opt.step()
+        loop.step()
+    assert (w - start).abs().max() > 1e-2 and torch.allclose(w, twin, atol=1e-6, rtol=1e-5)

@@ -155,3 +155,52 @@ def test_a_registered_tiny_student_equals_the_config_built_one_bitwise(tmp_path)
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in a.items())
     with pytest.raises(FDLightError, match="fd_vit_tiny_patch8_32 has no published weights"):
         timm.create_model("fd_vit_tiny_patch8_32", pretrained=True)
+
+
+def test_the_fd_init_skips_timms_own_draws_and_writes_every_parameter_as_before():
+    """build_student skips the draws of timm's init that the FD init redraws: every other parameter (LayerNorms,
+    layer scale, the zero bias table, SwinV2's logit scale and q/v biases) is bitwise what timm's init leaves, and
+    every redrawn one is finite."""
+    from fdlight.models.factory import create_model
+    from fdlight.models.students import student_kwargs
+
+    for overrides in (["student=tiny"], TINY_SWIN):
+        cfg = compose(overrides).student
+        torch.manual_seed(0)
+        fast = build_student(cfg)
+        classic = create_model(cfg.model, **student_kwargs(cfg), drop_path_rate=0.0)  # timm's init, then the FD init
+        redrawn = {id(p) for p in fd_init(classic)}
+        kept = [n for n, p in classic.named_parameters() if id(p) not in redrawn]
+        assert len(kept) >= 8, kept
+        mine, theirs = dict(fast.named_parameters()), dict(classic.named_parameters())
+        assert all(torch.equal(mine[n], theirs[n]) for n in kept), [n for n in kept if not torch.equal(mine[n],
+                                                                                                     theirs[n])]
+        assert all(torch.isfinite(p).all() for p in mine.values())
+        assert all(torch.count_nonzero(m.bias) == 0 for m in fast.modules()
+                   if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and m.bias is not None)
+
+
+def test_an_architecture_whose_own_init_draws_more_is_built_with_it():
+    """A timm ViT draws its position embedding, which the FD init leaves: that student is built with timm's init
+    (then the FD init), never with a skipped draw left unwritten."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"name": "vit", "model": "vit_tiny_patch16_224", "init": "fd", "kwargs": dict(
+        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0)})
+    s = build_student(cfg)
+    assert torch.isfinite(s.pos_embed).all() and abs(rel_std(s.pos_embed, 0.02)) < 0.15
+    assert s.blocks[0].mlp.fc1.weight.abs().max() <= 0.02 + 1e-7  # and the FD init after it
+
+
+def test_skip_random_init_records_the_draws_it_skips_and_keeps_constants():
+    from fdlight.models.factory import SkipRandomInit
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with SkipRandomInit() as skipped:
+        lin, norm = torch.nn.Linear(4, 3), torch.nn.LayerNorm(3)
+    assert torch.equal(torch.get_rng_state(), before)  # nothing was drawn
+    assert set(skipped.drawn) == {id(lin.weight), id(lin.bias)}
+    assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
+    model = torch.nn.Sequential(lin, norm)
+    assert skipped.unreplaced(model, [lin.weight]) == ["0.bias"]

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from fdlight import console
 from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error
-from fdlight.config import GROUPS, compose, expand_teacher_list, group_choices, top_level_keys
+from fdlight.config import GROUPS, compose, expand_teacher_list, group_choices, primary_keys, top_level_keys
 from fdlight.errors import FDLightError
 from fdlight.runs.directory import check_writable
 
@@ -50,12 +50,14 @@ def check_group_overrides(argv: list[str]) -> None:
         if not sep:
             continue
         top = top_key(key)
-        known = known or top_level_keys()
-        if top not in known and not user_config:
-            close = difflib.get_close_matches(top, sorted(known), n=1, cutoff=0.8 if appended else 0.6)
-            if close or not appended:
-                hint = f"did you mean {close[0]}?" if close else f"the top-level keys are: {', '.join(sorted(known))}"
-                raise FDLightError(f"unknown config key {top!r} in {arg!r}; {hint}")
+        if top not in primary_keys() and not user_config:
+            known = known or top_level_keys()
+            if top not in known:
+                close = difflib.get_close_matches(top, sorted(known), n=1, cutoff=0.8 if appended else 0.6)
+                if close or not appended:
+                    hint = f"did you mean {close[0]}?" if close else \
+                        f"the top-level keys are: {', '.join(sorted(known))}"
+                    raise FDLightError(f"unknown config key {top!r} in {arg!r}; {hint}")
         if key not in GROUPS or "," in value or value in ("null", ""):
             continue
         choices = group_choices(key)
@@ -89,23 +91,26 @@ def check_stage_sections(argv: list[str]) -> None:
 
 def check_run(argv: list[str]) -> None:
     """Compose the command line as Hydra will run it and fail in one line where Hydra would print a traceback or a
-    block of text: a misspelled setting (`finetune.batch_sise=8`), or a run directory that cannot be written (Hydra
-    makes it and opens the run's log there before fdlight runs). Only for a plain run: flags (-m, --cfg, --help, a
-    user's own config) are Hydra's to handle."""
+    block of text: a setting of another stage, a misspelled setting (`finetune.batch_sise=8`), or a run directory
+    that cannot be written (Hydra makes it and opens the run's log there before fdlight runs). Only for a plain run:
+    flags (-m, --cfg, --help, a user's own config) are Hydra's to handle, but for the stage sections' check."""
     from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
     if any(a.startswith("-") for a in argv):
+        check_stage_sections(argv)
         return
     args = overrides(argv)
     try:
-        cfg = compose(args, with_hydra=True)
+        cfg = compose(args, with_hydra=True)  # one composition serves every check of a command that is right
     except ConfigCompositionException as e:
+        check_stage_sections(argv)
         unknown = unknown_setting(e, args)
         if unknown is not None:
             raise unknown from None
         return
     except Exception:  # noqa: BLE001 - any other composition error is Hydra's to report, in its own words
+        check_stage_sections(argv)
         return
     run_dir = OmegaConf.select(cfg, "hydra.run.dir")
     if run_dir:
@@ -230,7 +235,6 @@ def main() -> None:
         # teacher=[a,b] composes each teacher under teacher.<name>; rewritten in argv, which DDP ranks re-run
         sys.argv[1:] = expand_teacher_list(sys.argv[1:])
         check_group_overrides(sys.argv[1:])
-        check_stage_sections(sys.argv[1:])
         check_run(sys.argv[1:])
     except FDLightError as e:
         print(f"fdlight: error: {e}", file=sys.stderr)

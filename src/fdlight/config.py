@@ -39,6 +39,14 @@ def group_choices(group: str) -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=None)
+def primary_keys() -> frozenset[str]:
+    """The top-level keys every composed config has (the groups, the stage sections, the primary config's keys):
+    most command lines name only these, so checking them reads one file instead of every stage and experiment."""
+    keys = {str(k) for k in OmegaConf.load(str(resources.files(CONFIG_MODULE).joinpath("config.yaml"))).keys()}
+    return frozenset((keys | set(GROUPS) | set(group_choices("stage")) | {"hydra"}) - {"defaults"})
+
+
+@lru_cache(maxsize=None)
 def top_level_keys() -> frozenset[str]:
     """Every top-level key a shipped config can hold: the groups, the primary config's keys, and the sections the
     stage and experiment files add."""

@@ -83,11 +83,14 @@ def scaled_lr(base: float, total_batch: int) -> float:
 def adamw_with_schedule(groups: list[dict], lr: float, warmup_lr: float, min_lr: float, warmup_steps: int,
                         total_steps: int, betas=(0.9, 0.999), fused: bool = False, decay: str = "cosine",
                         power: float = 1.0):
-    """AdamW whose groups peak at lr x lr_scale, and a per-step LambdaLR that follows a WarmupSchedule per group."""
+    """AdamW whose groups peak at lr x lr_scale, and a per-step LambdaLR that follows a WarmupSchedule per group.
+    The update is torch's fused kernel when `fused` or when every parameter is on a CPU, where torch's default
+    AdamW runs one small op per tensor and is several times slower than the fused one."""
     for g in groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
     clean = [{k: v for k, v in g.items() if k != "names"} for g in groups]
-    opt = torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), eps=1e-8, fused=fused or None)
+    on_cpu = all(p.device.type == "cpu" for g in clean for p in g["params"])
+    opt = torch.optim.AdamW(clean, lr=lr, betas=tuple(betas), eps=1e-8, fused=(fused or on_cpu) or None)
     curves = [WarmupSchedule(g["lr"], warmup_lr, min_lr, warmup_steps, total_steps, decay, power)
               for g in opt.param_groups]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, curves)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import timm
+import torch
 import torch.nn as nn
+from torch.overrides import TorchFunctionMode
 
 from fdlight.models.patch_embed import gemm_patch_embed
 
@@ -13,3 +15,41 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     gemm_patch_embed(model)
     return model
+
+
+_T, _I = torch.Tensor, nn.init
+# What a model's own init applies to a parameter to draw it: torch.nn.init's random initialisers (a module's
+# reset_parameters), the in-place draws and arithmetic of timm's truncated normal (uniform_, erfinv_, mul_, add_,
+# clamp_), and the rescales after them.
+RANDOM_INIT_OPS = frozenset({
+    _I.uniform_, _I.normal_, _I.trunc_normal_, _I.kaiming_uniform_, _I.kaiming_normal_, _I.xavier_uniform_,
+    _I.xavier_normal_, _I.orthogonal_, _I.sparse_,
+    _T.uniform_, _T.normal_, _T.erfinv_, _T.mul_, _T.add_, _T.clamp_, _T.div_, _T.sub_, _T.exponential_,
+    _T.bernoulli_, _T.random_})
+
+
+class SkipRandomInit(TorchFunctionMode):
+    """While a model is built inside it, the random draws of its own init on its parameters are skipped (their
+    memory stays unwritten) and the parameters are recorded; constants (LayerNorm ones and zeros, layer scale, zero
+    tables) are still written. For a model whose every drawn parameter is about to be replaced (redrawn by another
+    init, or loaded): those draws cost several passes over every weight and are thrown away.
+
+    The caller must replace every parameter in `drawn` (`unreplaced` names those it missed) or rebuild the model."""
+
+    def __init__(self):
+        super().__init__()
+        self.drawn: dict[int, nn.Parameter] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RANDOM_INIT_OPS:
+            target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
+            if isinstance(target, nn.Parameter):
+                self.drawn[id(target)] = target
+                return target
+        return func(*args, **kwargs)
+
+    def unreplaced(self, model: nn.Module, replaced) -> list[str]:
+        """Names of parameters whose draw was skipped and that are not in `replaced` (parameters, or names)."""
+        done = {id(p) if isinstance(p, torch.Tensor) else p for p in replaced}
+        return [n for n, p in model.named_parameters() if id(p) in self.drawn and id(p) not in done and n not in done]

@@ -9,7 +9,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.errors import FDLightError, check
-from fdlight.models.factory import create_model
+from fdlight.models.factory import SkipRandomInit, create_model
 from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
 
 
@@ -39,9 +39,16 @@ def build_student(cfg: DictConfig, drop_path: float = 0.0, num_classes: int | No
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     kwargs.update(overrides)
-    model = create_model(cfg.model, pretrained=False, drop_path_rate=check_drop_path(drop_path, "drop_path.student"),
-                         **kwargs)
-    if init == "fd" and not _on_meta(model):
+    kwargs["drop_path_rate"] = check_drop_path(drop_path, "drop_path.student")
+    if init != "fd" or torch.get_default_device().type == "meta":
+        model = create_model(cfg.model, pretrained=False, **kwargs)
+        if init == "fd" and not _on_meta(model):
+            fd_init(model)
+        return model
+    with SkipRandomInit() as skipped:  # the FD init redraws what timm's own init would draw: skip timm's draws
+        model = create_model(cfg.model, pretrained=False, **kwargs)
+    if skipped.unreplaced(model, fd_init(model)):  # an architecture whose own init draws more than the FD init
+        model = create_model(cfg.model, pretrained=False, **kwargs)
         fd_init(model)
     return model
 
@@ -54,55 +61,62 @@ def _on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
-def fd_init(model: nn.Module) -> None:
-    """The official FD init of a ViT (Beit) or SwinV2 student."""
+def fd_init(model: nn.Module) -> list[nn.Parameter]:
+    """The official FD init of a ViT (Beit) or SwinV2 student; returns the parameters it wrote whole."""
     from timm.models.beit import Beit
     from timm.models.swin_transformer_v2 import SwinTransformerV2
     from timm.models.vision_transformer import VisionTransformer
 
     if isinstance(model, SwinTransformerV2):
-        fd_swinv2_init(model)
-    elif isinstance(model, (Beit, VisionTransformer)):
-        fd_vit_init(model)
-    else:
-        raise FDLightError(f"student.init=fd knows ViT (Beit) and SwinV2 students, not {type(model).__name__}; "
-                           f"use student.init=timm")
+        return fd_swinv2_init(model)
+    if isinstance(model, (Beit, VisionTransformer)):
+        return fd_vit_init(model)
+    raise FDLightError(f"student.init=fd knows ViT (Beit) and SwinV2 students, not {type(model).__name__}; "
+                       f"use student.init=timm")
 
 
 @torch.no_grad()
-def fd_vit_init(model: nn.Module, std: float = 0.02) -> None:
+def fd_vit_init(model: nn.Module, std: float = 0.02) -> list[nn.Parameter]:
     """The official FD ViT init (docs/method.md §1.2): Linear/Conv2d weights and the CLS token from a normal of std 0.02
     truncated at +-1 std, zero biases, then each block's attn.proj and mlp.fc2 divided by sqrt(2 * block number).
     LayerNorms, layer scale and the (zero) relative position bias keep their values."""
     from timm.layers import trunc_normal_
 
+    written = []
     # timm's inverse-CDF sampler draws the same truncated normal as torch's, whose rejection loop is ~18x slower
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             trunc_normal_(m.weight, std=std, a=-std, b=std)
+            written.append(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+                written.append(m.bias)
     if getattr(model, "cls_token", None) is not None:
         trunc_normal_(model.cls_token, std=std, a=-std, b=std)
+        written.append(model.cls_token)
     for i, block in enumerate(getattr(model, "blocks", [])):
         block.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
         block.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
+    return written
 
 
 @torch.no_grad()
-def fd_swinv2_init(model: nn.Module, std: float = 0.02, post_norm: float = 1e-5) -> None:
+def fd_swinv2_init(model: nn.Module, std: float = 0.02, post_norm: float = 1e-5) -> list[nn.Parameter]:
     """The official FD SwinV2 init (docs/method.md §1.2): Linear/Conv2d weights from a normal of std 0.02 cut at +-2
     (absolute, so in effect uncut), zero biases; attn.proj and mlp.fc2 of the k-th block counted over all stages
     divided by sqrt(2k); the res-post-norms (norm1, norm2 of every block) at weight 1e-5, bias 0. The patch
     embedding is included (timm leaves it at PyTorch's default), other LayerNorms and the attention's own
     parameters (logit scale, q/v biases) keep their values."""
+    written = []
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             # torch's sampler, not timm's: at these bounds it is a plain normal draw, while timm's inverse CDF
             # returns exactly -2 (100 std) for about one weight in 2^24
             nn.init.trunc_normal_(m.weight, std=std, a=-2.0, b=2.0)
+            written.append(m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+                written.append(m.bias)
     blocks = [block for stage in model.layers for block in stage.blocks]
     for k, block in enumerate(blocks, start=1):
         block.attn.proj.weight.div_(math.sqrt(2.0 * k))
@@ -110,6 +124,8 @@ def fd_swinv2_init(model: nn.Module, std: float = 0.02, post_norm: float = 1e-5)
         for norm in (block.norm1, block.norm2):
             nn.init.constant_(norm.weight, post_norm)
             nn.init.zeros_(norm.bias)
+            written += [norm.weight, norm.bias]
+    return written
 
 
 def resolve_class(path: str) -> type:

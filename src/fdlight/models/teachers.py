@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from fdlight.errors import FDLightError, check
-from fdlight.models.factory import create_model
+from fdlight.models.factory import SkipRandomInit, create_model
 from fdlight.models.layout import TokenLayout, checked_layout, timm_layout, timm_tokens
 from fdlight.models.patch_embed import gemm_patch_embed
 from fdlight.models.weights import (ADAPTERS, WEIGHT_SUFFIXES, classifier_prefixes, go_offline, is_torchscript,
@@ -51,12 +51,13 @@ def open_clip_tokens(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------------------- timm
-def load_timm_file(model: nn.Module, path: str, adapter: str | None, what: str) -> None:
+def load_timm_file(model: nn.Module, path: str, adapter: str | None, what: str):
     """Load a local file the way timm loads pretrained weights (unwrap, convert with the family's filter, load);
-    only classifier keys may be left over, so a file of another architecture fails with its keys named."""
+    only classifier keys may be left over, so a file of another architecture fails with its keys named. Returns
+    load_state_dict's missing and unexpected keys."""
     sd = ADAPTERS[adapter](read_state_dict(path))
     heads = classifier_prefixes(model)
-    load_timm_state_dict(model, sd, path, what, allow_missing=heads, allow_unexpected=heads)
+    return load_timm_state_dict(model, sd, path, what, allow_missing=heads, allow_unexpected=heads)
 
 
 def hub_error(name: str, hub_id: str | None, reason: str) -> FDLightError:
@@ -87,9 +88,15 @@ def build_timm_teacher(cfg: DictConfig, drop_path: float = 0.0) -> nn.Module:
             return create_model(cfg.model, pretrained=True, **kwargs)
         except Exception as e:  # noqa: BLE001 - offline, not cached, or a hub error
             raise hub_error(cfg.name, hub_id, f"{type(e).__name__}") from e
-    model = create_model(cfg.model, pretrained=False, **kwargs)
-    if weights:
-        load_timm_file(model, str(weights), cfg.adapter, f"teacher {cfg.name!r} ({cfg.model})")
+    if not weights:
+        return create_model(cfg.model, pretrained=False, **kwargs)
+    what = f"teacher {cfg.name!r} ({cfg.model})"
+    with SkipRandomInit() as skipped:  # the file replaces every drawn weight: skip the model's own draws
+        model = create_model(cfg.model, pretrained=False, **kwargs)
+    missing = set(load_timm_file(model, str(weights), cfg.adapter, what).missing_keys)
+    if skipped.unreplaced(model, [n for n, _ in model.named_parameters() if n not in missing]):
+        model = create_model(cfg.model, pretrained=False, **kwargs)  # a part the file lacks keeps its own init
+        load_timm_file(model, str(weights), cfg.adapter, what)
     return model
 
 

@@ -30,6 +30,19 @@ class ProgressBar(RichProgressBar):
         return {k.removeprefix("train/").replace("img_per_s", "img/s"): f"{v:.4g}" if isinstance(v, float) else v
                 for k, v in items.items()}
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # the shown metrics are read from the device: on a GPU, only when the logger reads them too
+        self._skip_metrics = pl_module.device.type == "cuda" and trainer.global_step % max(
+            int(trainer.log_every_n_steps), 1) != 0
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._skip_metrics = False
+
+    def _update_metrics(self, trainer, pl_module) -> None:
+        if not getattr(self, "_skip_metrics", False):
+            super()._update_metrics(trainer, pl_module)
+
 
 def format_metrics(metrics: dict) -> str:
     return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
@@ -131,29 +144,67 @@ class ResumeNote(Callback):
 
 class Throughput(Callback):
     """Images per second of the training step (forward, backward, update; the batch is already loaded when
-    on_train_batch_start runs) over all processes, logged per step and averaged for the end. Under DDP or FSDP every
-    process steps in lockstep, so it is one process's rate times the number of processes."""
+    on_train_batch_start runs) over all processes, logged and averaged for the end. Under DDP or FSDP every process
+    steps in lockstep, so it is one process's rate times the number of processes. On a GPU each step is timed by
+    CUDA events that are read every `log_every_n_steps` steps, when the logger reads the device anyway: timing
+    never makes the host wait for the device at every step."""
 
     def __init__(self):
         self.images, self.seconds, self._t = 0, 0.0, None
+        self._start = None
+        self._unread: list[tuple] = []  # (start event, end event, images, counted) of steps timed on the GPU
+
+    @staticmethod
+    def _cuda(module) -> bool:
+        return torch.cuda.is_available() and module.device.type == "cuda"
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self._t = time.perf_counter()
+        if self._cuda(module):
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._t = time.perf_counter()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        n = (len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)) * trainer.world_size
+        counted = trainer.global_step > 1  # skip the first steps' warm-up cost
+        if self._cuda(module):
+            if self._start is None:
+                return
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._unread.append((self._start, end, n, counted))
+            if trainer.global_step % max(int(trainer.log_every_n_steps), 1) == 0:
+                images, seconds = self._read()
+                module.log("train/img_per_s", images / max(seconds, 1e-9), prog_bar=True)
+            return
         if self._t is None:
             return
-        if torch.cuda.is_available() and module.device.type == "cuda":
-            torch.cuda.synchronize()
         dt = time.perf_counter() - self._t
-        n = (len(batch[0]) if isinstance(batch, (list, tuple)) else len(batch)) * trainer.world_size
-        if trainer.global_step > 1:  # skip the first steps' warm-up cost
+        if counted:
             self.images += n
             self.seconds += dt
         module.log("train/img_per_s", n / max(dt, 1e-9), prog_bar=True)
 
+    def _read(self) -> tuple[int, float]:
+        """Add up the steps timed on the GPU since the last read (waits for the last of them only)."""
+        images = seconds = 0
+        for start, end, n, counted in self._unread:
+            end.synchronize()
+            dt = start.elapsed_time(end) / 1e3
+            images, seconds = images + n, seconds + dt
+            if counted:
+                self.images += n
+                self.seconds += dt
+        self._unread = []
+        return images, seconds
+
+    def on_train_end(self, trainer, module):
+        self._read()
+
     @property
     def img_per_s(self) -> float:
+        self._read()
         return self.images / self.seconds if self.seconds else float("nan")
 
 

@@ -57,7 +57,7 @@ class Distill(TrainingStage):
             if looks_like_file(t.weights):  # a missing file (not an open_clip tag such as `openai`)
                 check_weights_file(t.weights, f"{who}.weights")
             teacher = declared_layout(t, who)
-            if student and teacher and not specs[name].resample_tokens:
+            if student and teacher and not specs[name].resample_tokens and student.grid != teacher.grid:
                 check_grids(student, teacher, matching=students_with_grid(teacher.grid), who=who)
             if specs[name].whitening == "phi_s" and t.get("dim"):
                 check_hadamard_order(int(t.dim), who)
