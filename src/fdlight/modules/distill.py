@@ -253,14 +253,15 @@ class FeatureDistillation(TrainingModule):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         losses = self.distill_losses(x)
         loss = self.weighted(losses)
-        total = self.record_loss(loss, "FD", "lower distill.base_lr or check the teacher weights and input data")
+        self.record_loss(loss, "FD", "lower distill.base_lr or check the teacher weights and input data")
         if not self.single:
-            self.record_teacher_losses(losses, total)
+            self.record_teacher_losses(losses, loss)
         return loss
 
-    def record_teacher_losses(self, losses: Mapping[str, torch.Tensor], whole: float) -> None:
+    def record_teacher_losses(self, losses: Mapping[str, torch.Tensor], total: torch.Tensor) -> None:
         """Log each teacher's loss and its weighted share of the total; keep its first and last value."""
-        values = torch.stack([losses[n].detach().float() for n in self.names]).tolist()  # one device sync for all
+        *values, whole = torch.stack([*(losses[n].detach().float() for n in self.names),
+                                      total.detach().float()]).tolist()  # one device sync for all
         for n, v in zip(self.names, values):
             self.first_losses.setdefault(n, v)
             self.last_losses[n] = v
