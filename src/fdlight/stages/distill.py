@@ -52,8 +52,7 @@ class Distill(TrainingStage):
             check_grids(*declared, matching=students_with_grid(declared[1].grid))
 
     def build(self, cfg: DictConfig) -> Training:
-        data = ClassificationData(cfg.data, cfg.distill.batch_size,
-                                  fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale), seed=cfg.seed)
+        data = distill_data(cfg)
         data.setup()  # a bad data root fails before any model is built
         module = FeatureDistillation.from_config(cfg, compile=bool(cfg.trainer.compile))
         return Training(module, data, wrap_classes=block_classes(cfg.student), validate=False)
@@ -71,6 +70,13 @@ class Distill(TrainingStage):
                                                                                metrics["last_loss"]))
         return f"distilled {metrics['student']} <- {metrics['teacher']}: loss {first} -> {last} over " \
                f"{metrics['steps']} steps"
+
+
+def distill_data(cfg: DictConfig) -> ClassificationData:
+    """The distillation DataModule of a config: one augmented view at the student's resolution (and the data
+    benchmark's subject)."""
+    return ClassificationData(cfg.data, cfg.distill.batch_size,
+                              fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale), seed=cfg.seed)
 
 
 STAGE = Distill()
