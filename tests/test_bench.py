@@ -62,3 +62,10 @@ def test_data_bench_reduces_large_photos_and_runs_the_finetune_path():
                         "4", "--decode", "pil_draft"])
     assert tuned["decoders"]["pil_draft"]["img_per_s"] > 0
 
+
+def test_fit_bench_reports_the_run_rate_beside_the_step():
+    from fdlight.bench.fit import main as fit_bench
+
+    result = fit_bench(["--steps", "4", "--warmup", "1", "--batch", "4"])
+    assert result["steps"] == 4 and result["meter_img_per_s"] > 0 and result["wall_img_per_s"] > 0
+    assert result["step_img_per_s"] > 0
