@@ -9,12 +9,16 @@ import sys
 import warnings
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+# OpenMP threads that spin while they wait (libgomp's default) slowed the CPU step 3x on a machine shared with other
+# jobs; read when torch loads, so it is set before anything imports it (an exported value wins)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from fdlight.config import GROUPS, compose, group_choices, primary_keys, top_level_keys
-from fdlight.errors import FDLightError
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from fdlight.config import GROUPS, compose, group_choices, primary_keys, top_level_keys  # noqa: E402
+from fdlight.errors import FDLightError  # noqa: E402
 
 # Hydra's flags that take the next argument as their value, and those that point it at a user's own config
 # (whose keys fdlight cannot know).
