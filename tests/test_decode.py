@@ -3,6 +3,7 @@ where no reduction fits), the GPU path computes the PIL path's view, unreadable 
 the same rule, and bad choices fail in one line. Real JPEG files through the real DataModule."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -155,3 +156,14 @@ def test_a_bad_decoder_is_one_line(tmp_path, args, expected):
     lines = [line for line in res.stderr.splitlines() if line.startswith("fdlight: error:")]
     assert res.returncode == 2 and len(lines) == 1 and expected in lines[0], res.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_distillation_run_decodes_its_batches_where_it_trains(tmp_path):
+    """data.decode=gpu through Lightning's fit: the DataModule's on_before_batch_transfer decodes each batch (here
+    on the CPU the trainer runs on)."""
+    write_jpegs(tmp_path / "data", [(96, 72), (72, 96)], per_class=4)
+    res = run_cli([*TINY, "data=imagenet", f"data.root={tmp_path / 'data'}", "data.num_workers=1", "data.decode=gpu",
+                   "distill.batch_size=4", "distill.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["skipped_images"] == 0
