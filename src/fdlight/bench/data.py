@@ -1,9 +1,9 @@
 """`python -m fdlight.bench.data`: time the real training data path of a stage on ImageNet-like JPEGs.
 
-It writes a folder of photo-like JPEGs (smooth shading, shapes, sensor-like noise; quality 90, about 4.5 bits per
-pixel: ImageNet's files average about 110 KB) in ImageNet's layout, builds the DataModule and training transform the stage builds
-(`stage=distill`: RandomResizedCrop + flip + normalise at the student's 224 px; `stage=finetune`: the fine-tuning
-recipe's RandAugment pipeline) and iterates its training loader: per-sample seeding, the sampler, the workers and
+It writes a folder of photo-like JPEGs (smooth shading, shapes, sensor-like noise; quality 90, about 4.3 bits per
+pixel: ImageNet's files average about 110 KB) in ImageNet's layout, builds the DataModule and training transform the
+stage builds (`stage=distill`: RandomResizedCrop + flip + normalise at the student's 224 px; `stage=finetune`: the
+fine-tuning recipe's RandAugment pipeline) and iterates its training loader: per-sample seeding, the sampler, the workers and
 the collation included. Each decoder of `--decode` is timed in turn, round after round, in one process, and the
 rate is given per worker (per core: `--workers 0` runs everything in this process). It then compares `pil_draft`
 with `pil` on fixed crops: the share of samples decoded at reduced size and the pixel difference.
