@@ -3,7 +3,7 @@ PYTHON ?= python
 export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test bench gpu-bench clean
+.PHONY: install demo test bench gpu-bench gpu-check clean
 
 install:
 	$(PYTHON) -m pip install -q -e ".[test]"
@@ -26,6 +26,21 @@ gpu-bench:
 	-$(PYTHON) -m fdlight.bench --compile trainer.attention=triton drop_path.mode=subset
 	-$(PYTHON) -m fdlight.bench.segment --compile
 	-$(PYTHON) -m fdlight.bench.segment --compile --attention triton
+
+# The checks a GPU session runs in one call (a failing one does not stop the others): gpu-bench; the official FD step
+# beside fdlight's compiled step (OFFICIAL: a folder holding the official repository's models/ and
+# official_fd_step.py, outside the project); the distillation data path with each decoder (GPU decoding included);
+# the run-level rate of the ViT-B step; SwinV2-G under FSDP on one GPU with activation checkpointing (step time and
+# peak memory).
+OFFICIAL ?= .official
+gpu-check: gpu-bench
+	-$(PYTHON) $(OFFICIAL)/official_fd_step.py $(OFFICIAL)
+	-$(PYTHON) -m fdlight.bench --compile
+	-$(PYTHON) -m fdlight.bench.data --workers 8 --images 512 --decode pil,pil_draft,gpu
+	-$(PYTHON) -m fdlight.bench.data --workers 0 --images 256 --decode pil,pil_draft,gpu
+	-$(PYTHON) -m fdlight.bench.fit --steps 30
+	-$(PYTHON) -m fdlight.bench.fit --no-step --batch 8 --steps 6 --warmup 2 student=swinv2_g teacher=esvit_swinb \
+		teacher.weights=null trainer=fsdp trainer.devices=1 data.num_workers=4
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache

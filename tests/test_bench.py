@@ -37,3 +37,35 @@ def test_profile_names_where_the_step_time_goes(capsys):
     assert kernel_kind("fmha_cutlassB_bf16_aligned_64x64") == "attention"
     assert kernel_kind("nvjet_sm90_tst_192x192_64x4") == "matmul"
     assert kernel_kind("triton_poi_fused_gelu_7") == "fused (compiled)"
+
+
+def test_data_bench_times_each_decoder_and_draft_equals_pil_where_no_reduction_fits():
+    from fdlight.bench.data import main as data_bench
+
+    result = data_bench(["--images", "12", "--sizes", "500x375,375x500", "--rounds", "1", "--batch", "4",
+                         "--compare", "6"])
+    rows = result["decoders"]
+    assert set(rows) == {"pil", "pil_draft"} and all(r["img_per_s"] > 0 for r in rows.values())
+    assert result["folder"]["images"] == 12 and 3 < result["folder"]["bits_per_pixel"] < 8
+    crops = result["fixed_crops"]
+    assert crops["share_1/1"] == 1.0 and crops["max_diff"] == 0  # at 224 px a 500x375 photo is decoded whole
+
+
+def test_data_bench_reduces_large_photos_and_runs_the_finetune_path():
+    from fdlight.bench.data import main as data_bench
+
+    result = data_bench(["--images", "6", "--sizes", "1600x1200", "--rounds", "1", "--batch", "2", "--compare",
+                         "12"])
+    crops = result["fixed_crops"]
+    assert crops["share_1/1"] < 1 and 0 < crops["mean_diff_reduced"] < 3
+    tuned = data_bench(["--stage", "finetune", "--images", "8", "--sizes", "500x375", "--rounds", "1", "--batch",
+                        "4", "--decode", "pil_draft"])
+    assert tuned["decoders"]["pil_draft"]["img_per_s"] > 0
+
+
+def test_fit_bench_reports_the_run_rate_beside_the_step():
+    from fdlight.bench.fit import main as fit_bench
+
+    result = fit_bench(["--steps", "4", "--warmup", "1", "--batch", "4"])
+    assert result["steps"] == 4 and result["meter_img_per_s"] > 0 and result["wall_img_per_s"] > 0
+    assert result["step_img_per_s"] > 0

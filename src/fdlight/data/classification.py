@@ -7,6 +7,7 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from fdlight.data.decode import check_decode, train_decoding
 from fdlight.data.folders import SafeImageFolder, check_root, class_folder
 from fdlight.data.seeded import check_fits_a_batch, training_loader
 from fdlight.data.synthetic import SyntheticClassification, synthetic_splits
@@ -17,11 +18,13 @@ class ClassificationData(L.LightningDataModule):
     """`seed` (the run's) fixes the training order and every sample's augmentation (fdlight.data.seeded)."""
 
     def __init__(self, cfg: DictConfig, batch_size: int, train_transform, val_transform=None, with_val: bool = False,
-                 seed: int = 0):
+                 seed: int = 0, stage: str = "distill"):
         super().__init__()
         self.cfg, self.batch_size, self.with_val, self.seed = cfg, batch_size, with_val, int(seed)
-        self.train_transform, self.val_transform = train_transform, val_transform
+        self.decode = check_decode(cfg, stage) if cfg.name != "synthetic" else "pil"  # generated in memory
+        self.train_transform, self.val_transform = train_decoding(train_transform, self.decode), val_transform
         self.train_set = self.val_set = None
+        self.gpu_decoding = None
 
     @property
     def num_classes(self) -> int:
@@ -38,15 +41,25 @@ class ClassificationData(L.LightningDataModule):
             return synthetic_splits(SyntheticClassification, c, self.train_transform, self.val_transform,
                                     self.with_val)
         check_root(c, self.with_val)
-        train = SafeImageFolder(class_folder(c.root, "train"), self.train_transform, c.strict)
-        val = SafeImageFolder(class_folder(c.root, "val"), self.val_transform, c.strict) if self.with_val else None
+        train = self.split("train", self.train_transform)
+        val = self.split("val", self.val_transform) if self.with_val else None
         if val is not None and val.classes != train.classes:
             raise FDLightError(f"{c.root}/val and {c.root}/train have different class folders ({len(val.classes)} vs "
                                f"{len(train.classes)}); use the same class names in both")
         return train, val
 
+    def split(self, name: str, transform):
+        """One split of a folder dataset: an ImageFolder tree, or the tar shards written from one (data=shards)."""
+        c = self.cfg
+        if c.name == "shards":
+            from fdlight.data.shards import ShardedImages, split_folder
+
+            return ShardedImages(split_folder(c.root, name), transform, c.strict)
+        return SafeImageFolder(class_folder(c.root, name), transform, c.strict)
+
     def set_transforms(self, train, val=None) -> None:
         """Attach transforms after setup (a stage may need the class count before it can build them)."""
+        train = train_decoding(train, self.decode)
         self.train_transform, self.val_transform = train, val
         for dataset, tf in ((self.train_set, train), (self.val_set, val)):
             if dataset is not None:
@@ -57,8 +70,18 @@ class ClassificationData(L.LightningDataModule):
         return sum(getattr(s, "skipped", 0) for s in (self.train_set, self.val_set) if s is not None)
 
     def train_dataloader(self) -> DataLoader:
+        collate = None
+        if self.decode == "gpu":
+            from fdlight.data.gpu import GPUDecoding, collate_encoded
+
+            self.gpu_decoding, collate = GPUDecoding(self.train_transform), collate_encoded
         return training_loader(self.train_set, self.batch_size, self.seed, int(self.cfg.num_workers), self.trainer,
-                               pin_memory=torch.cuda.is_available())
+                               collate_fn=collate, pin_memory=torch.cuda.is_available())
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if self.gpu_decoding is None or self.trainer is None:
+            return batch
+        return self.gpu_decoding(batch, self.trainer.strategy.root_device)  # data.decode=gpu: decoded where it trains
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

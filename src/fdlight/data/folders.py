@@ -10,6 +10,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from fdlight.data.decode import Unreadable, as_rgb
 from fdlight.errors import FDLightError, check
 
 log = logging.getLogger(__name__)
@@ -36,10 +37,46 @@ def check_root(data_cfg, with_val: bool = False) -> None:
           f"data={c.name} needs data.root=<folder holding train/<class>/<image>"
           f"{' and val/<class>/<image>' if with_val else ''}>")
     for split in ("train", "val") if with_val else ("train",):
-        class_folder(c.root, split)
+        if c.name == "shards":
+            from fdlight.data.shards import split_folder
+
+            split_folder(c.root, split)
+        else:
+            class_folder(c.root, split)
 
 
-class SafeImageFolder(ImageFolder):
+class SkipsUnreadable:
+    """Item access over `samples` ((name, target) pairs) that skips unreadable ones and counts them in the shared
+    `_bad` flags, or, `strict`, stops at the first; `load(i)` reads sample i and raises Unreadable."""
+
+    @property
+    def skipped(self) -> int:
+        """Distinct unreadable files met so far."""
+        return sum(self._bad)
+
+    def load(self, i: int):
+        raise NotImplementedError
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            if self._bad[i]:
+                continue
+            name, target = self.samples[i]
+            try:
+                sample = self.load(i)
+            except Unreadable as e:
+                if self.strict:
+                    raise FDLightError(f"unreadable image {name} ({e}); remove it or set "
+                                       f"data.strict=false to skip such files") from e
+                self._bad[i] = 1
+                log.warning("skipping unreadable image %s (%s)", name, e)
+                continue
+            return sample, target
+        raise FDLightError(f"no readable image under {self.root}")
+
+
+class SafeImageFolder(SkipsUnreadable, ImageFolder):
     """ImageFolder that skips (and counts) unreadable images, or stops at the first one when strict."""
 
     def __init__(self, root: str | Path, transform=None, strict: bool = False):
@@ -50,26 +87,27 @@ class SafeImageFolder(ImageFolder):
         self.strict = strict
         self._bad = multiprocessing.Array("b", len(self.samples), lock=False)  # shared with loader workers
 
-    @property
-    def skipped(self) -> int:
-        """Distinct unreadable files met so far."""
-        return sum(self._bad)
+    def load(self, i: int):
+        return read_sample(self.samples[i][0], self.transform)
 
-    def __getitem__(self, index: int):
-        for attempt in range(len(self.samples)):
-            i = (index + attempt) % len(self.samples)
-            if self._bad[i]:
-                continue
-            path, target = self.samples[i]
-            try:
-                with open(path, "rb") as f:
-                    img = Image.open(f).convert("RGB")
-            except Exception as e:  # noqa: BLE001 - any decoder error means an unreadable file
-                if self.strict:
-                    raise FDLightError(f"unreadable image {path} ({type(e).__name__}); remove it or set "
-                                       f"data.strict=false to skip such files") from e
-                self._bad[i] = 1
-                log.warning("skipping unreadable image %s (%s)", path, type(e).__name__)
-                continue
-            return (self.transform(img) if self.transform else img), target
-        raise FDLightError(f"no readable image under {self.root}")
+
+def read_sample(source, transform):
+    """One image (a path, or a binary file object) through the training transform: decoded whole, then
+    transformed; or, for a transform that decodes the file itself (fdlight.data.decode), opened and handed over.
+    Unreadable, named by the error, when it cannot be opened or decoded; any other error of the transform is its
+    own."""
+    decodes = getattr(transform, "decodes", False)
+    try:
+        f = open(source, "rb") if isinstance(source, (str, Path)) else source
+    except OSError as e:
+        raise Unreadable(type(e).__name__) from e
+    with f:
+        try:
+            img = Image.open(f)
+            if not decodes:
+                img = as_rgb(img)
+        except Exception as e:  # noqa: BLE001 - any decoder error means an unreadable file
+            raise Unreadable(type(e).__name__) from e
+        if decodes:
+            return transform(img)  # decodes while the file is open; its decoder's errors come back as Unreadable
+    return transform(img) if transform else img

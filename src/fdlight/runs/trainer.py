@@ -102,20 +102,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbacks=(), wrap_classes=None,
-                  checkpoint_every: int | None = None, validate: bool = False) -> L.Trainer:
+                  checkpoint_every: int | None = None, validate: bool = False, checkpoint: bool = True) -> L.Trainer:
     """The stage's Lightning Trainer. With `validate`, `<stage>.val_every_n_epochs` sets how often (0: only after
     training, which the stage runs itself)."""
     t = cfg.trainer
     max_epochs = int(stage_cfg.epochs)
     val_every = int(stage_cfg.get("val_every_n_epochs", 1)) or max_epochs + 1
-    ckpt = RunCheckpoint(run_dir / "checkpoints", checkpoint_every or None)
+    ckpt = [RunCheckpoint(run_dir / "checkpoints", checkpoint_every or None)] if checkpoint else []  # off: benchmarks
     settings = dict(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
-        max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)),
+        max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)), enable_checkpointing=checkpoint,
         accumulate_grad_batches=int(t.accumulate_grad_batches),
         logger=build_logger(cfg, run_dir),
-        callbacks=[ckpt, progress_display(), ResumeNote(), SeededSteps(cfg.seed), *callbacks],
+        callbacks=[*ckpt, progress_display(), ResumeNote(), SeededSteps(cfg.seed), *callbacks],
         plugins=[AtomicCheckpointIO()],
         log_every_n_steps=int(stage_cfg.get("log_every_n_steps", 10)),
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, check_val_every_n_epoch=val_every,

@@ -19,7 +19,7 @@ def classification_data(cfg: DictConfig, batch_size: int) -> ClassificationData:
     """Train and val sets, checked before anything is built: data.root set and existing, val/ with class folders,
     and data.num_classes (when given) equal to the folders' count. Transforms are attached once the model is known."""
     d = cfg.data
-    data = ClassificationData(d, batch_size, None, None, with_val=True, seed=cfg.seed)
+    data = ClassificationData(d, batch_size, None, None, with_val=True, seed=cfg.seed, stage=cfg.stage)
     data.setup()
     found = len(data.train_set.classes)
     declared = d.get("num_classes")

@@ -67,8 +67,7 @@ class Distill(TrainingStage):
               f"use trainer=ddp, or whitening=fd_ln")
 
     def build(self, cfg: DictConfig) -> Training:
-        data = ClassificationData(cfg.data, cfg.distill.batch_size,
-                                  fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale), seed=cfg.seed)
+        data = distill_data(cfg)
         data.setup()  # a bad data root fails before any model is built
         module = FeatureDistillation.from_config(cfg, compile=bool(cfg.trainer.compile))
         return Training(module, data, wrap_classes=block_classes(cfg.student), validate=False)
@@ -112,6 +111,13 @@ def export_adaptors(path: Path, module: FeatureDistillation, heads: dict, cfg: D
         entries[name] = (module.head_spec(name), adaptor, phi_s)
     return save_adaptors(path, entries, student=cfg.student.name, student_model=cfg.student.model,
                          student_kwargs=json.dumps(student_kwargs(cfg.student)))
+
+
+def distill_data(cfg: DictConfig) -> ClassificationData:
+    """The distillation DataModule of a config: one augmented view at the student's resolution (and the data
+    benchmark's subject)."""
+    return ClassificationData(cfg.data, cfg.distill.batch_size,
+                              fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale), seed=cfg.seed)
 
 
 STAGE = Distill()

@@ -80,6 +80,13 @@ def block_types(model: nn.Module) -> set[type]:
     return {type(b) for b in blocks}
 
 
+def finetune_transforms(cfg: DictConfig, img_size: int) -> tuple:
+    """The training and evaluation transforms of the fine-tuning recipe at `img_size` (the data benchmark's too)."""
+    f = cfg.finetune
+    return (finetune_train_transform(img_size, f.auto_augment, f.re_prob, f.min_scale),
+            eval_transform(img_size, f.crop_pct))
+
+
 # ---------------------------------------------------------------------------------------------------------- stage
 class Finetune(ClassificationStage):
     name = "finetune"
@@ -104,8 +111,7 @@ class Finetune(ClassificationStage):
         model, arch, export_kwargs, path = build_classifier(cfg, num_classes)
         set_attention(model, cfg.trainer.attention)
         img_size = timm_layout(model).img_size
-        data.set_transforms(finetune_train_transform(img_size, f.auto_augment, f.re_prob, f.min_scale),
-                            eval_transform(img_size, f.crop_pct))
+        data.set_transforms(*finetune_transforms(cfg, img_size))
         mixup = dict(mixup=f.mixup, cutmix=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
                      label_smoothing=f.label_smoothing)
         module = FineTune(model, num_classes, optim_dict(f), mixup, ema_decay=f.get("ema"))
