@@ -177,3 +177,11 @@ def teacher_configs(cfg: DictConfig) -> dict[str, DictConfig]:
 def teacher_label(cfg: DictConfig) -> str:
     """The teacher's name, or the listed teachers joined by '+'."""
     return "+".join(teacher_configs(cfg)) if several_teachers(cfg) else str(cfg.teacher.name)
+
+
+def student_seed(cfg: DictConfig) -> int:
+    """The seed of the student's own randomness in a distillation run (its init and every step's drop path):
+    `distill.student_seed`, or the run's `seed` when that is null. Data order and augmentation always follow `seed`,
+    so jobs that differ only in their student seed see the same batches (a shared-teacher sweep relies on it)."""
+    own = OmegaConf.select(cfg, "distill.student_seed") if cfg.get("stage") == "distill" else None
+    return int(cfg.get("seed", 0) if own is None else own)

@@ -105,16 +105,17 @@ def wandb_settings():
     return wandb.Settings(quiet=True)
 
 
-def finish_wandb() -> None:
-    """Close a W&B run still open, while the output streams work (its exit hook writes colour codes into files), and
-    say in one line where it is: the folder to `wandb sync` for an offline run, the URL otherwise."""
+def finish_wandb(run=None) -> None:
+    """Close a W&B run (`run`, or the one still open), while the output streams work (its exit hook writes colour
+    codes into files), and say in one line where it is: the folder to `wandb sync` for an offline run, the URL
+    otherwise."""
     wandb = sys.modules.get("wandb")
-    run = getattr(wandb, "run", None) if wandb is not None else None
+    run = run if run is not None else getattr(wandb, "run", None) if wandb is not None else None
     if run is None:
         return
     offline = bool(getattr(run.settings, "_offline", False))
     where = run.settings.sync_dir if offline else run.url
-    wandb.finish()
+    run.finish()
     if offline:
         log.info("W&B (offline): `wandb sync %s` uploads this run", where)
     elif where:

@@ -46,13 +46,16 @@ def clip_gradients(module: L.LightningModule, optimizer, max_norm) -> None:
     """Clip by global norm and log the norm; under FSDP the sharded root clips (Lightning's own clipping refuses)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    limit = float(max_norm) if max_norm else float("inf")
     if isinstance(module.trainer.strategy, FSDPStrategy):
-        norm = module.trainer.model.clip_grad_norm_(limit)
+        norm = module.trainer.model.clip_grad_norm_(float(max_norm) if max_norm else float("inf"))
     else:
-        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, limit)
+        norm = clip_norm([p for g in optimizer.param_groups for p in g["params"] if p.grad is not None], max_norm)
     module.log("train/grad_norm", norm)
+
+
+def clip_norm(params: list[torch.Tensor], max_norm) -> torch.Tensor:
+    """Clip the gradients of `params` by their global norm (`max_norm` 0 or None: no limit); the norm before."""
+    return torch.nn.utils.clip_grad_norm_(params, float(max_norm) if max_norm else float("inf"))
 
 
 @dataclass
@@ -121,25 +124,31 @@ class TrainingModule(L.LightningModule):
         """Stop on a non-finite `what` loss (`fix` says what to change) before its update is applied, keep it as the
         last (and maybe first) loss, log it and the current lr."""
         loss = loss.detach()
+        self.track_loss(loss, what, fix)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
+
+    def track_loss(self, loss: torch.Tensor, what: str, fix: str, optimizers=None) -> None:
+        """record_loss without logging: the guard (over `optimizers`, default the trainer's) and the first and
+        last loss."""
+        loss = loss.detach()
         self.check_losses()  # the steps before this one: their flags reached the host long ago
         if not on_device_guard(self.trainer):
             check_finite(loss, self, what, fix)
         else:
-            self.guard_on_device(loss, what, fix)
+            self.guard_on_device(loss, what, fix, optimizers)
         if self._first_loss is None:
             self._first_loss = loss
         self._last_loss = loss
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[-1]["lr"])
 
-    def guard_on_device(self, loss: torch.Tensor, what: str, fix: str) -> None:
+    def guard_on_device(self, loss: torch.Tensor, what: str, fix: str, optimizers=None) -> None:
         """Hand this step's non-finiteness to the fused optimizers as `found_inf` (sticky: once set, every later
         update is skipped too, gradient accumulation included) and queue its copy to the host."""
         bad = (~torch.isfinite(loss)).float().reshape(())
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # every rank skips together
         self._nonfinite = bad if self._nonfinite is None else torch.maximum(self._nonfinite, bad)
-        for opt in self.trainer.optimizers:
+        for opt in self.trainer.optimizers if optimizers is None else optimizers:
             opt.found_inf = self._nonfinite
         cuda = loss.device.type == "cuda"
         finite = (1.0 - bad).to("cpu", non_blocking=cuda)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from timm.layers import DropPath
 
-from fdlight.config import group_config, several_teachers, teacher_configs
+from fdlight.config import group_config, several_teachers, student_seed, teacher_configs
 from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError, check
 from fdlight.models.adaptors import ADAPTORS, HeadSpec, build_adaptor
@@ -148,16 +148,19 @@ class FeatureDistillation(TrainingModule):
 
     @classmethod
     def from_config(cls, cfg: DictConfig, student: nn.Module | None = None, train: bool = True,
-                    compile: bool = False) -> "FeatureDistillation":
+                    compile: bool = False, teachers: Mapping[str, Teacher] | None = None) -> "FeatureDistillation":
         """The module of a composed config (or a distillation run's config.yaml), one teacher or several.
         `student`: a model already built (and loaded) instead of a fresh one with the config's drop path, drop-path
-        mode and attention kernel. `train=False` evaluates a fixed student: no optimizer settings and no teacher
-        drop path."""
+        mode and attention kernel, drawn under the student seed (config.student_seed; the adaptors' init follows).
+        `train=False` evaluates a fixed student: no optimizer settings and no teacher drop path. `teachers`: the
+        config's teachers already built (a shared-teacher sweep builds them once for every student)."""
         dp_teacher = check_drop_path(cfg.drop_path.teacher, "drop_path.teacher") if train else 0.0
         specs = target_specs(cfg)
         seed = int(cfg.get("seed", 0))
-        teachers = {n: build_teacher(t, drop_path=dp_teacher, seed=seed) for n, t in teacher_configs(cfg).items()}
+        if teachers is None:
+            teachers = {n: build_teacher(t, drop_path=dp_teacher, seed=seed) for n, t in teacher_configs(cfg).items()}
         if student is None:
+            torch.manual_seed(student_seed(cfg))
             student = build_student(cfg.student, drop_path=cfg.drop_path.student)
             set_drop_path_mode(student, cfg.drop_path.mode)
             set_attention(student, cfg.trainer.attention)
@@ -204,9 +207,9 @@ class FeatureDistillation(TrainingModule):
         return x
 
     @torch.no_grad()
-    def target_of(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One teacher's whitened tokens for an ImageNet-normalised batch at the student's resolution, on the
-        student's token grid."""
+    def teacher_tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """One teacher's tokens in the loss, before whitening, for an ImageNet-normalised batch at the student's
+        resolution, on the student's token grid."""
         teacher = self.teachers[name]
         t = teacher(self.teacher_input(x, name).to(teacher.mean.dtype))
         prefix = teacher.layout.prefix_tokens
@@ -214,7 +217,12 @@ class FeatureDistillation(TrainingModule):
             t, prefix = t[:, prefix:], 0
         if self.specs[name].resample_tokens:
             t = resample_grid(t, prefix, self.student_layout.grid)
-        return self.head(name)[1](t)
+        return t
+
+    @torch.no_grad()
+    def target_of(self, name: str, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """One teacher's whitened tokens (`tokens`: its teacher_tokens, when already computed)."""
+        return self.head(name)[1](self.teacher_tokens(name, x) if tokens is None else tokens)
 
     def targets(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every teacher's target, one teacher after the other on the same batch."""
@@ -237,10 +245,13 @@ class FeatureDistillation(TrainingModule):
     def prediction(self, x: torch.Tensor) -> torch.Tensor:
         return self.prediction_of(self._only(), timm_tokens(self.student, x))
 
-    def _distill_losses(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """{teacher: its FD loss}, unweighted; the student runs first, as in the single-teacher step."""
+    def _distill_losses(self, x: torch.Tensor, tokens: Mapping[str, torch.Tensor] | None = None
+                        ) -> dict[str, torch.Tensor]:
+        """{teacher: its FD loss}, unweighted; the student runs first, as in the single-teacher step. `tokens`:
+        each teacher's teacher_tokens of `x`, when another module computed them (a shared-teacher sweep)."""
         preds = self.predictions(x)
-        return {n: fd_loss(preds[n], self.target_of(n, x), self.loss_beta) for n in self.names}
+        return {n: fd_loss(preds[n], self.target_of(n, x, None if tokens is None else tokens[n]), self.loss_beta)
+                for n in self.names}
 
     def weighted(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The training loss: sum over teachers of loss_weight x loss."""

@@ -40,11 +40,11 @@ class Claim:
     finished: dict | None = None
 
 
-def _leaves(value, prefix: str = "") -> dict:
+def leaves(value, prefix: str = "") -> dict:
     if isinstance(value, dict):
         out = {}
         for k, v in value.items():
-            out.update(_leaves(v, f"{prefix}{k}."))
+            out.update(leaves(v, f"{prefix}{k}."))
         return out or {prefix.rstrip("."): {}}
     return {prefix.rstrip("."): value}
 
@@ -57,8 +57,8 @@ def _free(key: str) -> bool:
 def changed_settings(cfg: DictConfig, saved: DictConfig) -> list[str]:
     """Dotted keys whose value differs between a config and a run's saved config.yaml (settings that do not change
     the result, such as data.num_workers, excepted)."""
-    now = _leaves(OmegaConf.to_container(cfg, resolve=True))
-    before = _leaves(OmegaConf.to_container(saved, resolve=True))
+    now = leaves(OmegaConf.to_container(cfg, resolve=True))
+    before = leaves(OmegaConf.to_container(saved, resolve=True))
     keys = sorted(k for k in now.keys() | before.keys() if not _free(k) and now.get(k, "<unset>") != before.get(
         k, "<unset>"))
     return keys

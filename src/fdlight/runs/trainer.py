@@ -13,6 +13,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.artifacts import save_torch
+from fdlight.config import student_seed
 from fdlight.console import wandb_settings
 from fdlight.errors import FDLightError, check
 from fdlight.runs.callbacks import ResumeNote, RunCheckpoint, SeededSteps, progress_display
@@ -63,18 +64,25 @@ def wandb_offline(logger_cfg: DictConfig) -> bool:
     return not has_key or os.environ.get("WANDB_MODE") == "offline"
 
 
-def build_logger(cfg: DictConfig, run_dir: Path):
+def build_logger(cfg: DictConfig, run_dir: Path, group: str | None = None):
+    """The config's logger writing into the run directory; `group` puts a W&B run in a group (one per sweep), and
+    then starts it as a run of its own beside any other in this process."""
     if cfg.logger.name == "csv":
         from lightning.pytorch.loggers import CSVLogger
         return CSVLogger(save_dir=str(run_dir), name="logs")
     if cfg.logger.name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
         lg = cfg.logger
+        extra = dict(group=group, reinit="create_new") if group else {}
         logger = WandbLogger(project=lg.project, entity=lg.entity, save_dir=str(run_dir), name=run_dir.name,
                              offline=wandb_offline(lg), tags=list(lg.tags or []), log_model=False,
-                             config=OmegaConf.to_container(cfg, resolve=True), settings=wandb_settings())
+                             config=OmegaConf.to_container(cfg, resolve=True), settings=wandb_settings(), **extra)
         if getattr(logger, "_wandb_init", {}).get("anonymous", "") is None:  # W&B warns that the setting is unused
             del logger._wandb_init["anonymous"]
+        if group:  # started now: WandbLogger would otherwise join the run already open in this process
+            import wandb
+
+            logger._experiment = wandb.init(**logger._wandb_init)
         return logger
     raise FDLightError(f"unknown logger {cfg.logger.name!r}; use logger=csv or logger=wandb")
 
@@ -102,9 +110,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbacks=(), wrap_classes=None,
-                  checkpoint_every: int | None = None, validate: bool = False, checkpoint: bool = True) -> L.Trainer:
+                  checkpoint_every: int | None = None, validate: bool = False, checkpoint: bool = True,
+                  logger=None, checkpoint_io: TorchCheckpointIO | None = None) -> L.Trainer:
     """The stage's Lightning Trainer. With `validate`, `<stage>.val_every_n_epochs` sets how often (0: only after
-    training, which the stage runs itself)."""
+    training, which the stage runs itself). `logger` (default: the config's, in the run directory) and
+    `checkpoint_io` (default: atomic writes) replace the run's own (a shared-teacher sweep logs and saves per job)."""
     t = cfg.trainer
     max_epochs = int(stage_cfg.epochs)
     val_every = int(stage_cfg.get("val_every_n_epochs", 1)) or max_epochs + 1
@@ -114,9 +124,9 @@ def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbac
         strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
         max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)), enable_checkpointing=checkpoint,
         accumulate_grad_batches=int(t.accumulate_grad_batches),
-        logger=build_logger(cfg, run_dir),
-        callbacks=[*ckpt, progress_display(), ResumeNote(), SeededSteps(cfg.seed), *callbacks],
-        plugins=[AtomicCheckpointIO()],
+        logger=build_logger(cfg, run_dir) if logger is None else logger,
+        callbacks=[*ckpt, progress_display(), ResumeNote(), SeededSteps(student_seed(cfg)), *callbacks],
+        plugins=[checkpoint_io or AtomicCheckpointIO()],
         log_every_n_steps=int(stage_cfg.get("log_every_n_steps", 10)),
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, check_val_every_n_epoch=val_every,
         default_root_dir=str(run_dir), enable_model_summary=False,

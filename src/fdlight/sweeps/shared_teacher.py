@@ -1,0 +1,258 @@
+"""A distillation sweep run as one process (`-m ... hydra/launcher=shared_teacher`): one data stream and one teacher
+forward per batch for K students, each job's directory holding what its separate run would write (docs/method.md
+§1.13). The Hydra launcher (hydra_plugins.fdlight_launcher) hands each job's config and directory to `run`.
+
+Only student-side settings may differ between the jobs (STUDENT_SIDE); anything that changes the teacher's output
+or the batches must be the same, or the sweep is refused in one line before any directory is made."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from fdlight.artifacts import save_torch
+from fdlight.config import student_seed, teacher_configs
+from fdlight.console import finish_wandb, job as console_job
+from fdlight.errors import FDLightError, check
+from fdlight.models.students import block_classes
+from fdlight.models.teachers import build_teacher
+from fdlight.modules.distill import FeatureDistillation
+from fdlight.modules.shared import SharedTeacherDistillation, merge_checkpoints, split_checkpoint
+from fdlight.runs.callbacks import Throughput
+from fdlight.runs.directory import Claim, claim, is_secondary_rank, leaves, save_config
+from fdlight.runs.gather import full_state_dict
+from fdlight.runs.template import Training, worker_error
+from fdlight.runs.trainer import AtomicCheckpointIO, build_logger, build_trainer, cpu_threads
+from fdlight.settings import check_sections
+from fdlight.stages.distill import STAGE as DISTILL, distill_data
+
+log = logging.getLogger("fdlight")
+
+# Settings that may differ between the jobs: they change a student, not the teacher's output or the batches.
+STUDENT_SIDE = ("student", "drop_path.student", "drop_path.mode", "distill.base_lr", "distill.warmup_lr",
+                "distill.min_lr", "distill.weight_decay", "distill.betas", "distill.clip_grad", "distill.loss_beta",
+                "distill.student_seed")
+# ... except these, which change the batches (the crop's size) or are not results at all.
+BATCH_SIDE = ("student.img_size",)
+IGNORED = ("resume", "resume_allow_changes")
+
+
+@dataclass
+class Job:
+    """One job of the sweep: its config (Hydra's node removed), its directory and how messages name it."""
+    cfg: DictConfig
+    run_dir: Path
+    label: str
+
+
+def student_side(key: str) -> bool:
+    def under(k, keys):
+        return any(k == f or k.startswith(f + ".") for f in keys)
+    return under(key, STUDENT_SIDE) and not under(key, BATCH_SIDE)
+
+
+def check_shared(jobs: list[Job]) -> None:
+    """Refuse, in one line, a sweep whose jobs cannot share the teacher and the batches."""
+    for job in jobs:
+        check(job.cfg.stage == "distill", f"hydra/launcher=shared_teacher shares a distillation teacher, but {job.label} "
+                                          f"is stage={job.cfg.stage}; drop hydra/launcher=shared_teacher for it")
+    flat = [leaves(OmegaConf.to_container(j.cfg, resolve=True)) for j in jobs]
+    for key in sorted(set().union(*flat)):
+        values = [lv.get(key, "<unset>") for lv in flat]
+        if any(v != values[0] for v in values) and not student_side(key) and key not in IGNORED:
+            hint = "; vary the student's own seed with distill.student_seed (the data follow seed)" \
+                if key == "seed" else ""
+            shown = ", ".join(dict.fromkeys(str(v) for v in values))
+            raise FDLightError(f"hydra/launcher=shared_teacher gives every job the same teacher output and batches, so "
+                               f"{key} must be the same in every job (the sweep has {shown}); sweep it without "
+                               f"hydra/launcher=shared_teacher{hint}")
+    lead = jobs[0].cfg
+    check(float(lead.drop_path.teacher) == 0.0,
+          f"drop_path.teacher={lead.drop_path.teacher} makes the teacher's output random per job, so it cannot be "
+          f"shared; use drop_path=asymmetric (teacher 0) or sweep without hydra/launcher=shared_teacher")
+    check(lead.trainer.strategy != "fsdp", "hydra/launcher=shared_teacher holds every student whole on each device; "
+                                          "use trainer=ddp or one device, or sweep without it under trainer=fsdp")
+    check(lead.resume in (True, False), f"resume={lead.resume}: a shared-teacher sweep resumes with resume=true "
+                                        f"(each job from its own checkpoints/last.ckpt)")
+
+
+def claim_all(jobs: list[Job]) -> list[Claim]:
+    """Claim every job's directory; they all start, all resume, or are all complete."""
+    claims = [claim(j.cfg, j.run_dir) for j in jobs]
+    kinds = {("complete" if c.finished is not None else "resume" if c.resume_from else "new") for c in claims}
+    if len(kinds) > 1:
+        found = ", ".join(f"{j.label}: {'complete' if c.finished is not None else 'checkpoint' if c.resume_from else 'new'}"
+                          for j, c in zip(jobs, claims))
+        raise FDLightError(f"the sweep's job directories are at different points ({found}); resume each job on its "
+                           f"own, without hydra/launcher=shared_teacher")
+    return claims
+
+
+class JobCheckpoints(AtomicCheckpointIO):
+    """The sweep's checkpoints saved as each job's own (split_checkpoint) under the same name in its directory, and
+    read back from them. `lead` is the directory the trainer's checkpoint callback writes to (job 0's)."""
+
+    def __init__(self, lead: Path, run_dirs: list[Path]):
+        super().__init__()
+        self.lead, self.run_dirs = lead, run_dirs
+
+    def paths(self, path) -> list[Path]:
+        rel = Path(path).resolve().relative_to(self.lead.resolve())
+        return [d / rel for d in self.run_dirs]
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        for k, p in enumerate(self.paths(path)):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            save_torch(split_checkpoint(checkpoint, k), p)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return merge_checkpoints([super(JobCheckpoints, self).load_checkpoint(p, map_location, weights_only)
+                                  for p in self.paths(path)])
+
+    def remove_checkpoint(self, path) -> None:
+        for p in self.paths(path):
+            p.unlink(missing_ok=True)
+
+
+class JobLogs(Callback):
+    """Each job's own logger (the config's, in its directory) with the step metrics a separate run logs."""
+
+    def __init__(self, loggers: list, every: int):
+        self.loggers, self.every = loggers, every
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step % self.every and not trainer.is_last_batch:
+            return
+        for k, (lg, fd, opt) in enumerate(zip(self.loggers, module.students, trainer.optimizers[0].optimizers)):
+            norm = module.last_norms[k]
+            values = {"train/loss": fd._last_loss, "train/lr": opt.param_groups[-1]["lr"],
+                      "train/grad_norm": norm, "epoch": trainer.current_epoch}
+            lg.log_metrics({n: float(v) for n, v in values.items() if v is not None}, step=trainer.global_step)
+
+    def on_train_end(self, trainer, module) -> None:
+        for lg in self.loggers:
+            lg.finalize("success")
+            if getattr(lg, "_experiment", None) is not None and hasattr(lg._experiment, "finish"):  # W&B: one run each
+                finish_wandb(lg._experiment)
+
+
+@contextlib.contextmanager
+def job_log_files(jobs: list[Job]):
+    """Every job's directory gets the sweep's log (fdlight.log), as a separate run gets its own."""
+    root = logging.getLogger()
+    handlers = []
+    for job in jobs:
+        job.run_dir.mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(job.run_dir / "fdlight.log")
+        h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s] %(message)s"))
+        root.addHandler(h)
+        handlers.append(h)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            root.removeHandler(h)
+            h.close()
+
+
+def state_bytes(module: torch.nn.Module) -> int:
+    """A student's trainable weights with their gradients and AdamW's two moments."""
+    return 4 * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+
+
+def check_memory(cfg: DictConfig, students: list[FeatureDistillation]) -> None:
+    """Log what each student holds; on a GPU, refuse K students whose weights and optimizer state alone exceed the
+    free memory (activations come on top)."""
+    per = [state_bytes(fd) for fd in students]
+    log.info("shared teacher: %d students, %s GiB of weights, gradients and AdamW state each", len(students),
+             ", ".join(f"{b / 2 ** 30:.2f}" for b in per))
+    from fdlight.runs.trainer import on_gpu
+
+    if on_gpu(cfg.trainer):
+        free, _ = torch.cuda.mem_get_info()
+        check(sum(per) < free, f"{len(students)} students need {sum(per) / 2 ** 30:.1f} GiB for weights, gradients and "
+                               f"AdamW state alone, more than the {free / 2 ** 30:.1f} GiB free on the GPU; share the "
+                               f"teacher among fewer jobs at a time with hydra.sweeper.max_batch_size=N")
+
+
+def build(jobs: list[Job]) -> tuple[SharedTeacherDistillation, L.LightningDataModule]:
+    """One DataModule and the teachers from job 0's config; each student as its separate run builds it."""
+    lead = jobs[0].cfg
+    data = distill_data(lead)
+    data.setup()
+    teachers = {n: build_teacher(t, drop_path=0.0, seed=int(lead.seed)) for n, t in teacher_configs(lead).items()}
+    students = [FeatureDistillation.from_config(j.cfg, compile=bool(lead.trainer.compile), teachers=teachers)
+                for j in jobs]
+    check_memory(lead, students)
+    return SharedTeacherDistillation(students, [student_seed(j.cfg) for j in jobs], [j.label for j in jobs]), data
+
+
+def run(jobs: list[Job]) -> list[dict]:
+    """Train the jobs' students together; each job's metrics (what its metrics.json holds)."""
+    lead = jobs[0].cfg
+    with cpu_threads(lead, lead.distill):
+        L.seed_everything(lead.seed, workers=True, verbose=False)
+        check_shared(jobs)
+        for job in jobs:
+            try:
+                check_sections(job.cfg)
+                DISTILL.validate(job.cfg)
+            except FDLightError as e:
+                raise FDLightError(f"{job.label}: {e}") from None
+        claims = claim_all(jobs)
+        if claims[0].finished is not None:
+            log.info("sweep of %d jobs is complete; nothing to do (files left as they are)", len(jobs))
+            return [c.finished for c in claims]
+        with job_log_files(jobs), console_job():
+            try:
+                return train(jobs, claims)
+            except FDLightError as e:
+                e.run_started = True
+                raise
+
+
+def train(jobs: list[Job], claims: list[Claim]) -> list[dict]:
+    lead, dirs = jobs[0].cfg, [j.run_dir for j in jobs]
+    module, data = build(jobs)
+    meter = Throughput()
+    loggers = [build_logger(j.cfg, j.run_dir, group=str(j.run_dir.parent)) for j in jobs]
+    s = lead.distill
+    trainer = build_trainer(lead, s, dirs[0], callbacks=[meter, JobLogs(loggers, int(s.log_every_n_steps))],
+                            wrap_classes=block_classes(lead.student), checkpoint_every=s.get("checkpoint_every_n_steps"),
+                            logger=False, checkpoint_io=JobCheckpoints(dirs[0], dirs))
+    for job, c in zip(jobs, claims):
+        save_config(job.cfg, job.run_dir)
+        if c.resume_from is not None and not is_secondary_rank():
+            (job.run_dir / "metrics.json").unlink(missing_ok=True)
+    start = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=str(claims[0].resume_from) if claims[0].resume_from else None)
+    except torch.OutOfMemoryError:
+        raise FDLightError(f"{len(jobs)} students and the teacher do not fit on the device; share the teacher among "
+                           f"fewer jobs at a time with hydra.sweeper.max_batch_size=N, or lower distill.batch_size") \
+            from None
+    except FDLightError as e:
+        raise worker_error(e) from None
+    wall = time.perf_counter() - start
+    results = []
+    for k, (job, fd) in enumerate(zip(jobs, module.students)):
+        built = Training(fd, data, validate=False)
+        state = full_state_dict(fd, "", sharded=False)
+        if not fd.single:
+            built.extra["heads"] = {n: v for n, v in state.items() if not n.startswith("student.")}
+        metrics = {"stage": "distill", **DISTILL.describe(job.cfg, built), "first_loss": fd.first_loss,
+                   "last_loss": fd.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
+                   "wall_s": wall, "shared_teacher": {"job": k, "jobs": len(jobs)}}
+        if trainer.is_global_zero:
+            student = {n[len("student."):]: v for n, v in state.items() if n.startswith("student.")}
+            artifacts = DISTILL.export(job.cfg, job.run_dir, built, student)
+            DISTILL.finish(job.run_dir, metrics, [*artifacts, job.run_dir / "checkpoints" / "last.ckpt"])
+        results.append(metrics)
+    return results
