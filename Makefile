@@ -6,7 +6,7 @@ export WANDB_MODE ?= offline
 .PHONY: install demo test bench gpu-bench gpu-check clean
 
 install:
-	$(PYTHON) -m pip install -q -e ".[test]"
+	$(PYTHON) -m pip install -q -e ".[test]" --config-settings editable_mode=strict
 
 demo: install
 	$(PYTHON) -m fdlight experiment=demo

@@ -64,7 +64,7 @@ def check_group_overrides(argv: list[str]) -> None:
                     hint = f"did you mean {close[0]}?" if close else \
                         f"the top-level keys are: {', '.join(sorted(known))}"
                     raise FDLightError(f"unknown config key {top!r} in {arg!r}; {hint}")
-        if key not in GROUPS or "," in value or value in ("null", ""):
+        if key not in GROUPS or "," in value or value in ("null", "") or user_config:  # a user's folder adds choices
             continue
         choices = group_choices(key)
         if value not in choices:

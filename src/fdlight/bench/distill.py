@@ -13,6 +13,7 @@ import os
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from fdlight.bench.students import students_bench
 from fdlight.bench.timing import peak_tflops, profile_step, timed
 from fdlight.config import compose, teacher_label
 from fdlight.models.attention import set_attention
@@ -35,6 +36,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--peak-tflops", type=float, default=None)
     ap.add_argument("--finetune", action="store_true",
                     help="time the fine-tuning step of the student instead (Mixup/CutMix, soft-target CE, AdamW)")
+    ap.add_argument("--students", type=int, default=0, metavar="K",
+                    help="time a shared-teacher step of K students beside K separate steps (hydra/launcher="
+                         "shared_teacher)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="after timing, print where the step's time goes: totals per kind and the N longest kernels")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. teacher=clip_vitb student=vit_b16")
@@ -46,6 +50,10 @@ def main(argv=None) -> dict:
     torch.set_float32_matmul_precision("high")
     if args.finetune:
         return finetune_bench(cfg, batch, args, dev)
+    if args.students:
+        if args.students < 1:
+            ap.error(f"--students {args.students}: give the number of students, 1 or more")
+        return students_bench(cfg, batch, args.students, args, dev)
     module = build_distillation(cfg).to(dev)
     bf16 = dev == "cuda"
     for teacher in module.teachers.values():

@@ -104,13 +104,13 @@ class SharedTeacherDistillation(TrainingModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
-        tokens = {n: self.lead.teacher_tokens(n, x) for n in self.lead.names}  # once for every student
-        total = None
-        for k, fd in enumerate(self.students):
+
+        def seed(k: int) -> None:  # student k's draws, as SeededSteps seeds its separate run at this batch
             seed_globals(derived_seed(self.seeds[k], STEP, self.trainer.current_epoch, batch_idx,
                                       self.trainer.global_rank))
-            losses = fd.distill_losses(x, tokens)
-            loss = fd.weighted(losses)
+
+        total = None
+        for k, (fd, loss) in enumerate(zip(self.students, student_losses(self.students, x, seed))):
             try:
                 fd.track_loss(loss, "FD", "lower distill.base_lr or check the teacher weights and input data",
                               optimizers=[self.trainer.optimizers[0].optimizers[k]])
@@ -160,6 +160,19 @@ class SharedTeacherDistillation(TrainingModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for fd, first, firsts in zip(self.students, checkpoint[FIRST_LOSS_KEY], checkpoint[FIRST_LOSSES_KEY]):
             fd.first_loss, fd.first_losses = first, dict(firsts or {})
+
+
+def student_losses(students, x: torch.Tensor, before=None) -> list[torch.Tensor]:
+    """Every student's FD loss on one batch from one forward of the teachers (the students share them);
+    `before(k)` runs before student k's forward (its seeding)."""
+    lead = students[0]
+    tokens = {n: lead.teacher_tokens(n, x) for n in lead.names}
+    losses = []
+    for k, fd in enumerate(students):
+        if before is not None:
+            before(k)
+        losses.append(fd.weighted(fd.distill_losses(x, tokens)))
+    return losses
 
 
 def split_checkpoint(checkpoint: dict, k: int) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from fdlight.artifacts import save_torch
+from fdlight.artifacts import save_torch, write_text
 from fdlight.config import student_seed, teacher_configs
 from fdlight.console import finish_wandb, job as console_job
 from fdlight.errors import FDLightError, check
@@ -95,22 +96,36 @@ def claim_all(jobs: list[Job]) -> list[Claim]:
     return claims
 
 
+COMMIT = ".sweep-commit"  # in job 0's checkpoints/: every job's next checkpoint is complete
+
+
+def pending(path: Path) -> Path:
+    return path.with_name(f".{path.name}.next")
+
+
 class JobCheckpoints(AtomicCheckpointIO):
     """The sweep's checkpoints saved as each job's own (split_checkpoint) under the same name in its directory, and
-    read back from them. `lead` is the directory the trainer's checkpoint callback writes to (job 0's)."""
+    read back from them; the trainer's checkpoint callback writes to job 0's directory.
 
-    def __init__(self, lead: Path, run_dirs: list[Path]):
+    The K files change together: each job's new checkpoint is written beside the old one (`.last.ckpt.next`), then
+    a commit mark, then the renames. A sweep killed before the mark keeps every old checkpoint; one killed during
+    the renames is completed by `settle` when it resumes. Either way every job resumes from the same step."""
+
+    def __init__(self, run_dirs: list[Path]):
         super().__init__()
-        self.lead, self.run_dirs = lead, run_dirs
+        self.lead, self.run_dirs = run_dirs[0], run_dirs
 
     def paths(self, path) -> list[Path]:
         rel = Path(path).resolve().relative_to(self.lead.resolve())
         return [d / rel for d in self.run_dirs]
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        for k, p in enumerate(self.paths(path)):
+        paths = self.paths(path)
+        for k, p in enumerate(paths):
             p.parent.mkdir(parents=True, exist_ok=True)
-            save_torch(split_checkpoint(checkpoint, k), p)
+            save_torch(split_checkpoint(checkpoint, k), pending(p))
+        write_text(commit_mark(self.run_dirs), "\n".join(str(p) for p in paths))
+        settle(self.run_dirs)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return merge_checkpoints([super(JobCheckpoints, self).load_checkpoint(p, map_location, weights_only)
@@ -119,6 +134,24 @@ class JobCheckpoints(AtomicCheckpointIO):
     def remove_checkpoint(self, path) -> None:
         for p in self.paths(path):
             p.unlink(missing_ok=True)
+
+
+def commit_mark(run_dirs: list[Path]) -> Path:
+    return run_dirs[0] / "checkpoints" / COMMIT
+
+
+def settle(run_dirs: list[Path]) -> None:
+    """Finish a committed checkpoint change (rename every job's pending file), or drop an uncommitted one."""
+    mark = commit_mark(run_dirs)
+    if mark.is_file():
+        for p in map(Path, mark.read_text().splitlines()):
+            if pending(p).is_file():
+                os.replace(pending(p), p)
+        mark.unlink()
+    else:
+        for d in run_dirs:
+            for p in (d / "checkpoints").glob(".*.next"):
+                p.unlink()
 
 
 class JobLogs(Callback):
@@ -206,6 +239,8 @@ def run(jobs: list[Job]) -> list[dict]:
                 DISTILL.validate(job.cfg)
             except FDLightError as e:
                 raise FDLightError(f"{job.label}: {e}") from None
+        if lead.resume:
+            settle([j.run_dir for j in jobs])
         claims = claim_all(jobs)
         if claims[0].finished is not None:
             log.info("sweep of %d jobs is complete; nothing to do (files left as they are)", len(jobs))
@@ -226,7 +261,7 @@ def train(jobs: list[Job], claims: list[Claim]) -> list[dict]:
     s = lead.distill
     trainer = build_trainer(lead, s, dirs[0], callbacks=[meter, JobLogs(loggers, int(s.log_every_n_steps))],
                             wrap_classes=block_classes(lead.student), checkpoint_every=s.get("checkpoint_every_n_steps"),
-                            logger=False, checkpoint_io=JobCheckpoints(dirs[0], dirs))
+                            logger=False, checkpoint_io=JobCheckpoints(dirs))
     for job, c in zip(jobs, claims):
         save_config(job.cfg, job.run_dir)
         if c.resume_from is not None and not is_secondary_rank():

@@ -1,0 +1,205 @@
+"""hydra/launcher=shared_teacher: a `-m` distillation sweep trained as one process (one data stream, one teacher
+forward per batch) whose jobs equal separate runs of the same settings, each job's directory holding what its
+separate run writes."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_cli
+from fdlight.models.weights import read_export_metadata
+from fdlight.modules.base import FIRST_LOSS_KEY
+from fdlight.modules.distill import FIRST_LOSSES_KEY
+from fdlight.modules.shared import split_checkpoint
+from fdlight.sweeps.shared_teacher import COMMIT, JobCheckpoints, pending, settle
+
+# 64 images, 16 a batch: 4 steps an epoch, 4 epochs; a checkpoint every 2 steps.
+SHORT = ["trainer=cpu", "logger=csv", "data.num_train=64", "distill.batch_size=16", "distill.epochs=4",
+         "distill.checkpoint_every_n_steps=2", "distill.num_threads=1", "data.num_workers=0"]
+SHARED = "hydra/launcher=shared_teacher"
+STEPS = 16
+
+
+def sweep(values: list[str], sweep_dir: Path, *extra: str, flags=()) -> subprocess.CompletedProcess:
+    return run_cli(["-m", *flags, SHARED, *SHORT, *values, f"hydra.sweep.dir={sweep_dir}", *extra], sweep_dir.parent)
+
+
+def separate(overrides: list[str], run_dir: Path, *extra: str, flags=()) -> subprocess.CompletedProcess:
+    res = run_cli([*flags, *SHORT, *overrides, f"hydra.run.dir={run_dir}", *extra], run_dir.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def max_difference(a: Path, b: Path) -> float:
+    x, y = load_file(a), load_file(b)
+    assert x.keys() == y.keys()
+    return max(float((x[k].double() - y[k].double()).abs().max()) for k in x)
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """A K=2 drop-path sweep through the shared-teacher launcher, and the two separate runs of its jobs."""
+    root = tmp_path_factory.mktemp("shared")
+    res = sweep(["drop_path.student=0.1,0.3"], root / "sweep")
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rate in ("0.1", "0.3"):
+        separate([f"drop_path.student={rate}"], root / f"separate_{rate}")
+    return root
+
+
+def test_each_job_equals_its_separate_run(swept):
+    for job, rate in (("0", "0.1"), ("1", "0.3")):
+        job_dir, run_dir = swept / "sweep" / job, swept / f"separate_{rate}"
+        assert max_difference(job_dir / "student.safetensors", run_dir / "student.safetensors") <= 1e-6
+        a, b = checkpoint(job_dir / "checkpoints/last.ckpt"), checkpoint(run_dir / "checkpoints/last.ckpt")
+        assert a.keys() == b.keys() and a["global_step"] == b["global_step"] == STEPS
+        for name, value in b["state_dict"].items():
+            assert torch.allclose(a["state_dict"][name], value, atol=1e-6, rtol=0), name
+        moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(a["optimizer_states"][0]["state"].values(),
+                                                                  b["optimizer_states"][0]["state"].values())]
+        assert moments and all(torch.allclose(x, y, atol=1e-6, rtol=0) for x, y in moments)
+        assert a["lr_schedulers"] == b["lr_schedulers"]
+        assert (job_dir / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
+        mine, theirs = (json.loads((d / "metrics.json").read_text()) for d in (job_dir, run_dir))
+        assert mine["first_loss"] == pytest.approx(theirs["first_loss"], abs=1e-6)
+        assert mine["last_loss"] == pytest.approx(theirs["last_loss"], abs=1e-6)
+        assert mine["shared_teacher"] == {"job": int(job), "jobs": 2} and mine["steps"] == STEPS
+    # the two jobs did train differently (a sweep that ignored the override would pass the checks above only once)
+    assert max_difference(swept / "sweep/0/student.safetensors", swept / "sweep/1/student.safetensors") > 0.0
+
+
+def test_each_job_directory_holds_what_a_run_writes(swept):
+    assert (swept / "sweep" / "multirun.yaml").is_file()  # Hydra's own sweep record
+    for job in ("0", "1"):
+        d = swept / "sweep" / job
+        for name in ("checkpoints/last.ckpt", "student.safetensors", "metrics.json", "config.yaml", "fdlight.log"):
+            assert (d / name).is_file(), name
+        assert not list((d / "checkpoints").glob(".*"))  # no pending checkpoint or commit mark left
+        rows = (d / "logs/version_0/metrics.csv").read_text().splitlines()
+        assert rows[0].split(",") == ["epoch", "step", "train/grad_norm", "train/loss", "train/lr"] and len(rows) > 4
+        meta = read_export_metadata(d / "student.safetensors")
+        model = timm.create_model(meta["timm_model"], pretrained=True, **meta["timm_kwargs"],
+                                  pretrained_cfg_overlay=dict(file=str(d / "student.safetensors")))
+        assert model(torch.randn(1, 3, 32, 32)).isfinite().all()
+
+
+def test_a_jobs_checkpoint_continues_as_a_separate_run(swept, tmp_path):
+    run_dir = tmp_path / "continued"
+    shutil.copytree(swept / "sweep" / "1", run_dir)
+    separate(["drop_path.student=0.3"], run_dir, "resume=true", "distill.epochs=5", "resume_allow_changes=true")
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == STEPS + 4
+
+
+def test_a_killed_sweep_resumes_bit_for_bit(swept, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = [sys.executable, "-m", "fdlight", "-m", SHARED, *SHORT, "drop_path.student=0.1,0.3",
+            f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    last = sweep_dir / "1" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not last.is_file():
+        time.sleep(0.02)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the sweep ended before it could be killed"
+    assert not (sweep_dir / "0" / "metrics.json").exists()
+    res = sweep(["drop_path.student=0.1,0.3"], sweep_dir, "resume=true")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming at step" in res.stdout + res.stderr
+    for job in ("0", "1"):
+        assert max_difference(sweep_dir / job / "student.safetensors",
+                              swept / "sweep" / job / "student.safetensors") == 0.0
+    again = sweep(["drop_path.student=0.1,0.3"], sweep_dir, "resume=true")  # complete: nothing to do
+    assert again.returncode == 0 and "complete" in again.stdout + again.stderr
+
+
+STUDENT = """defaults:
+  - tiny
+  - _self_
+name: tiny_deep
+kwargs:
+  depth: 3
+"""
+
+
+def test_students_of_another_shape_and_one_wandb_run_per_job(tmp_path):
+    (tmp_path / "conf" / "student").mkdir(parents=True)
+    (tmp_path / "conf" / "student" / "tiny_deep.yaml").write_text(STUDENT)
+    own = ["--config-dir", str(tmp_path / "conf")]
+    res = sweep(["student=tiny,tiny_deep"], tmp_path / "sweep", "logger=wandb", flags=own)
+    assert res.returncode == 0, res.stderr[-3000:]
+    separate(["student=tiny_deep"], tmp_path / "deep", flags=own)
+    assert max_difference(tmp_path / "sweep/1/student.safetensors", tmp_path / "deep/student.safetensors") <= 1e-6
+    depths = [read_export_metadata(tmp_path / f"sweep/{j}/student.safetensors")["timm_kwargs"]["depth"]
+              for j in ("0", "1")]
+    assert depths == [2, 3]
+    runs = [list((tmp_path / f"sweep/{j}/wandb").glob("offline-run-*")) for j in ("0", "1")]
+    assert [len(r) for r in runs] == [1, 1] and runs[0][0].name.split("-")[-1] != runs[1][0].name.split("-")[-1]
+
+
+@pytest.mark.parametrize("values, named", [
+    (["distill.batch_size=8,16"], "distill.batch_size"),
+    (["seed=0,1"], "distill.student_seed"),
+    (["drop_path=symmetric", "drop_path.student=0.1,0.2"], "drop_path.teacher"),
+    (["student.img_size=32,64"], "student.img_size"),
+])
+def test_a_sweep_that_cannot_share_the_teacher_is_one_line_and_leaves_nothing(values, named, tmp_path):
+    res = sweep(values, tmp_path / "sweep")
+    assert res.returncode == 2, res.stderr[-3000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("fdlight: error:") and named in lines[-1] and "Traceback" not in res.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
+# ------------------------------------------------------------------------------ the K files change together
+def fake_checkpoint(step: int) -> dict:
+    """A sweep checkpoint of two students in the layout SharedTeacherDistillation saves."""
+    return {"global_step": step, "state_dict": {f"students.{k}.w": torch.full((2,), float(step + k)) for k in (0, 1)},
+            "optimizer_states": [{"students": [{"k": 0}, {"k": 1}]}],
+            "lr_schedulers": [{"students": [{"k": 0}, {"k": 1}]}],
+            FIRST_LOSS_KEY: [1.0, 2.0], FIRST_LOSSES_KEY: [{}, {}]}
+
+
+def steps(dirs) -> list[int]:
+    return [checkpoint(d / "checkpoints/last.ckpt")["global_step"] for d in dirs]
+
+
+def test_a_kill_between_the_jobs_files_never_leaves_them_at_different_steps(tmp_path):
+    dirs = [tmp_path / "0", tmp_path / "1"]
+    lead = dirs[0] / "checkpoints"
+    io = JobCheckpoints(dirs)
+    io.save_checkpoint(fake_checkpoint(4), lead / "last.ckpt")
+    assert steps(dirs) == [4, 4] and checkpoint(dirs[1] / "checkpoints/last.ckpt")["state_dict"]["w"][0] == 5
+
+    # killed during the renames, after the commit mark: job 0 holds step 8, job 1 step 4 and its pending step 8
+    paths = [d / "checkpoints/last.ckpt" for d in dirs]
+    for k, p in enumerate(paths):
+        torch.save(split_checkpoint(fake_checkpoint(8), k), pending(p))
+    (lead / COMMIT).write_text("\n".join(map(str, paths)))
+    os.replace(pending(paths[0]), paths[0])
+    assert steps(dirs) == [8, 4]
+    settle(dirs)
+    assert steps(dirs) == [8, 8] and not (lead / COMMIT).exists()
+    assert io.load_checkpoint(lead / "last.ckpt")["state_dict"]["students.1.w"][0] == 9
+
+    # killed while the next files were written, before the mark: every job keeps the checkpoint before
+    torch.save(fake_checkpoint(12), pending(dirs[0] / "checkpoints/last.ckpt"))
+    settle(dirs)
+    assert steps(dirs) == [8, 8] and not list(lead.glob(".*"))
