@@ -69,3 +69,16 @@ def test_fit_bench_reports_the_run_rate_beside_the_step():
     result = fit_bench(["--steps", "4", "--warmup", "1", "--batch", "4"])
     assert result["steps"] == 4 and result["meter_img_per_s"] > 0 and result["wall_img_per_s"] > 0
     assert result["step_img_per_s"] > 0
+
+
+def test_students_bench_times_the_shared_step_beside_separate_steps_and_counts_the_bound(capsys):
+    from fdlight.models.teachers import build_teacher
+
+    out = main(["--students", "3", "--steps", "2", "--warmup", "1", "--batch", "4"])
+    with FlopCounterMode(display=False) as counter:  # the teacher's forward on one image, counted here on its own
+        build_teacher(compose([]).teacher)(torch.randn(1, 3, 32, 32))
+    t, s = out["teacher_gflop_per_img"], out["student_gflop_per_img"]
+    assert abs(t - counter.get_total_flops() / 1e9) < 5e-4 and s > 2 * t  # a student step outweighs a forward
+    assert abs(out["flop_bound"] - 3 * (t + s) / (t + 3 * s)) < 0.02 and 1 < out["flop_bound"] < 3
+    assert out["shared_ms"] > 0 and out["separate_ms"] > 0 and out["students"] == 3
+    assert "speedup=" in capsys.readouterr().out

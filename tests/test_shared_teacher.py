@@ -130,6 +130,19 @@ def test_a_killed_sweep_resumes_bit_for_bit(swept, tmp_path):
     assert again.returncode == 0 and "complete" in again.stdout + again.stderr
 
 
+def test_under_ddp_each_rank_holds_every_student_and_the_jobs_equal_separate_ddp_runs(tmp_path):
+    # DDP over gloo on two CPU processes, the code path of trainer=ddp on GPUs
+    ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "distill.epochs=2"]
+    res = sweep(["drop_path.student=0.1,0.3", *ddp], tmp_path / "sweep")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0", "1", "multirun.yaml"]
+    for job, rate in (("0", "0.1"), ("1", "0.3")):
+        separate([f"drop_path.student={rate}", *ddp], tmp_path / f"separate_{rate}")
+        assert max_difference(tmp_path / "sweep" / job / "student.safetensors",
+                              tmp_path / f"separate_{rate}" / "student.safetensors") <= 1e-6
+        assert json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["steps"] == 4  # 64 / (2 x 16)
+
+
 STUDENT = """defaults:
   - tiny
   - _self_

@@ -9,6 +9,8 @@ steps as a single run does) and `StudentSchedulers` their schedules; both save e
 turns the jobs' checkpoints back into the sweep's."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn as nn
 
@@ -18,6 +20,7 @@ from fdlight.modules.base import FIRST_LOSS_KEY, TrainingModule, clip_norm
 from fdlight.modules.distill import FIRST_LOSSES_KEY, FeatureDistillation
 
 PREFIX = "students."
+log = logging.getLogger("fdlight")
 
 
 class StudentOptimizers(torch.optim.Optimizer):
@@ -101,6 +104,13 @@ class SharedTeacherDistillation(TrainingModule):
 
     def on_fit_start(self) -> None:
         self.lead.place_teacher()  # the teachers are the same objects in every student
+        self._memory_reported = self.device.type != "cuda"
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if not self._memory_reported:  # on a GPU, once: what K students and the teacher took on this device
+            self._memory_reported = True
+            log.info("peak GPU memory after the first step of %d students: %.2f GiB (rank %d)", len(self.students),
+                     torch.cuda.max_memory_allocated(self.device) / 2 ** 30, self.trainer.global_rank)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch

@@ -6,6 +6,7 @@ Hydra's own launcher. Hydra imports this module while it looks for plugins, so t
 # with string annotations looks itself up)
 
 import logging
+import os
 import shutil
 import sys
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 log = logging.getLogger(__name__)
+# The sweep directory rank 0 resolved: a DDP rank re-runs the command line, and `${now:...}` may resolve differently.
+SWEEP_DIR = "FDLIGHT_SWEEP_DIR"
 
 
 @dataclass
@@ -55,12 +58,21 @@ class SharedTeacherLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from fdlight.errors import FDLightError
+        from fdlight.runs.directory import is_secondary_rank
         from fdlight.sweeps.shared_teacher import Job, run
 
         setup_globals()
         configure_log(console_logging(self.config.hydra.job_logging), self.config.hydra.verbose)
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         before = set(sweep_dir.iterdir()) if sweep_dir.is_dir() else set()
+        lead = os.environ.get(SWEEP_DIR)
+        if not is_secondary_rank():
+            os.environ[SWEEP_DIR] = str(sweep_dir.absolute())  # the ranks Lightning starts inherit it
+        elif lead and Path(lead) != sweep_dir.absolute():  # a DDP rank whose ${now} fell on the next second
+            forget_new_sweep(sweep_dir, before)
+            sweep_dir = Path(lead)
+            with read_write(self.config.hydra.sweep), open_dict(self.config.hydra.sweep):
+                self.config.hydra.sweep.dir = lead
         configs, jobs = [], []
         for i, overrides in enumerate(job_overrides):
             idx = initial_job_idx + i
