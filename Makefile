@@ -5,6 +5,8 @@ export WANDB_MODE ?= offline
 
 .PHONY: install demo test bench gpu-bench gpu-check clean
 
+# strict: an editable install as a tree of links, where Hydra's plugin scan finds hydra_plugins/ (the launcher
+# hydra/launcher=shared_teacher); the default editable mode hides it from that scan.
 install:
 	$(PYTHON) -m pip install -q -e ".[test]" --config-settings editable_mode=strict
 
@@ -31,7 +33,8 @@ gpu-bench:
 # beside fdlight's compiled step (OFFICIAL: a folder holding the official repository's models/ and
 # official_fd_step.py, outside the project); the distillation data path with each decoder (GPU decoding included);
 # the run-level rate of the ViT-B step; SwinV2-G under FSDP on one GPU with activation checkpointing (step time and
-# peak memory).
+# peak memory); the shared-teacher step of 3 students beside 3 separate steps (CLIP ViT-B/16 and CLIP ViT-L/14
+# teachers, ViT-B/16 students; the second at 256 px, the grid of ViT-L/14 at 224).
 OFFICIAL ?= .official
 gpu-check: gpu-bench
 	-$(PYTHON) $(OFFICIAL)/official_fd_step.py $(OFFICIAL)
@@ -41,6 +44,8 @@ gpu-check: gpu-bench
 	-$(PYTHON) -m fdlight.bench.fit --steps 30
 	-$(PYTHON) -m fdlight.bench.fit --no-step --batch 8 --steps 6 --warmup 2 student=swinv2_g teacher=esvit_swinb \
 		teacher.weights=null trainer=fsdp trainer.devices=1 data.num_workers=4
+	-$(PYTHON) -m fdlight.bench --compile --students 3 --steps 10
+	-$(PYTHON) -m fdlight.bench --compile --students 3 --steps 10 teacher=clip_vitl student.img_size=256
 
 clean:
 	rm -rf runs multirun outputs .pytest_cache

@@ -10,3 +10,8 @@ class FDLightError(Exception):
 def check(condition: bool, message: str) -> None:
     if not condition:
         raise FDLightError(message)
+
+
+class Unreadable(Exception):
+    """An image file that could not be opened or decoded (the datasets skip and count it, or stop under
+    data.strict=true)."""

@@ -4,14 +4,28 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from fdlight.data.decode import check_decode, train_decoding
-from fdlight.data.folders import SafeImageFolder, check_root, class_folder
+from fdlight.data.folders import SafeImageFolder, class_folder
 from fdlight.data.seeded import check_fits_a_batch, training_loader
+from fdlight.data.shards import ShardedImages, split_folder
 from fdlight.data.synthetic import SyntheticClassification, synthetic_splits
-from fdlight.errors import FDLightError
+from fdlight.errors import FDLightError, check
+
+
+def check_root(data_cfg, with_val: bool = False) -> None:
+    """A folder dataset's root is set and laid out as ImageFolder trees (train/, and val/ when `with_val`)."""
+    c = data_cfg
+    check(not OmegaConf.is_missing(c, "root") and bool(c.root),
+          f"data={c.name} needs data.root=<folder holding train/<class>/<image>"
+          f"{' and val/<class>/<image>' if with_val else ''}>")
+    for split in ("train", "val") if with_val else ("train",):
+        if c.name == "shards":
+            split_folder(c.root, split)
+        else:
+            class_folder(c.root, split)
 
 
 class ClassificationData(L.LightningDataModule):
@@ -52,8 +66,6 @@ class ClassificationData(L.LightningDataModule):
         """One split of a folder dataset: an ImageFolder tree, or the tar shards written from one (data=shards)."""
         c = self.cfg
         if c.name == "shards":
-            from fdlight.data.shards import ShardedImages, split_folder
-
             return ShardedImages(split_folder(c.root, name), transform, c.strict)
         return SafeImageFolder(class_folder(c.root, name), transform, c.strict)
 

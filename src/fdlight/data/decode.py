@@ -17,16 +17,13 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
-from fdlight.errors import FDLightError, check
+from fdlight.data.gpu import EncodedView
+from fdlight.errors import FDLightError, Unreadable, check
 
 DECODERS = ("pil", "pil_draft", "gpu")
 PIL_RESAMPLE = {InterpolationMode.NEAREST: Image.NEAREST, InterpolationMode.BILINEAR: Image.BILINEAR,
                 InterpolationMode.BICUBIC: Image.BICUBIC, InterpolationMode.LANCZOS: Image.LANCZOS,
                 InterpolationMode.BOX: Image.BOX, InterpolationMode.HAMMING: Image.HAMMING}
-
-
-class Unreadable(Exception):
-    """The file could not be decoded (raised by a transform that decodes the image itself)."""
 
 
 def check_decode(data_cfg, stage: str) -> str:
@@ -105,7 +102,5 @@ def train_decoding(transform, decode: str):
     if decode == "pil_draft":
         return DraftDecode(transform)
     if decode == "gpu":
-        from fdlight.data.gpu import EncodedView
-
         return EncodedView(transform)
     raise FDLightError(f"data.decode={decode!r} is not a decoder; choose one of: {', '.join(DECODERS)}")

@@ -5,13 +5,12 @@ import logging
 import multiprocessing
 from pathlib import Path
 
-from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from fdlight.data.decode import Unreadable, as_rgb
-from fdlight.errors import FDLightError, check
+from fdlight.data.decode import as_rgb
+from fdlight.errors import FDLightError, Unreadable, check
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +27,6 @@ def class_folder(root: str | Path, split: str) -> Path:
         hint = " (its images lie loose: move each into a folder named after its class)" if loose else ""
         raise FDLightError(f"{path} has no class folders{hint}; arrange it as {path}/<class>/<image>")
     return path
-
-
-def check_root(data_cfg, with_val: bool = False) -> None:
-    """A folder dataset's root is set and laid out as ImageFolder trees (train/, and val/ when `with_val`)."""
-    c = data_cfg
-    check(not OmegaConf.is_missing(c, "root") and bool(c.root),
-          f"data={c.name} needs data.root=<folder holding train/<class>/<image>"
-          f"{' and val/<class>/<image>' if with_val else ''}>")
-    for split in ("train", "val") if with_val else ("train",):
-        if c.name == "shards":
-            from fdlight.data.shards import split_folder
-
-            split_folder(c.root, split)
-        else:
-            class_folder(c.root, split)
 
 
 class SkipsUnreadable:

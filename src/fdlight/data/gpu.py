@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from fdlight.data.decode import Unreadable
-from fdlight.errors import FDLightError, check
+from fdlight.errors import FDLightError, Unreadable, check
 
 
 @dataclass

@@ -25,7 +25,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from fdlight.artifacts import atomic_file, write_json
 from fdlight.data.folders import SkipsUnreadable, class_folder
-from fdlight.errors import FDLightError, check
+from fdlight.errors import FDLightError, Unreadable, check
 
 INDEX = "index.json"
 FORMAT = 1
@@ -130,7 +130,6 @@ class ShardedImages(SkipsUnreadable, Dataset):
         return data
 
     def load(self, i: int):
-        from fdlight.data.decode import Unreadable
         from fdlight.data.folders import read_sample
 
         try:

@@ -8,8 +8,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from fdlight.data.classification import ClassificationData
-from fdlight.data.folders import check_root
+from fdlight.data.classification import ClassificationData, check_root
 from fdlight.errors import check
 from fdlight.models.weights import check_readable_weights, check_weights_file
 from fdlight.runs.template import Training, TrainingStage, percent
