@@ -172,6 +172,8 @@ def test_students_of_another_shape_and_one_wandb_run_per_job(tmp_path):
     (["seed=0,1"], "distill.student_seed"),
     (["drop_path=symmetric", "drop_path.student=0.1,0.2"], "drop_path.teacher"),
     (["student.img_size=32,64"], "student.img_size"),
+    (["teacher=tiny,tiny_b"], "teacher= must be the same"),  # the group the user swept, not a key it sets
+    (["student=tiny,nope"], "unknown student 'nope'"),
 ])
 def test_a_sweep_that_cannot_share_the_teacher_is_one_line_and_leaves_nothing(values, named, tmp_path):
     res = sweep(values, tmp_path / "sweep")
@@ -216,3 +218,24 @@ def test_a_kill_between_the_jobs_files_never_leaves_them_at_different_steps(tmp_
     torch.save(fake_checkpoint(12), pending(dirs[0] / "checkpoints/last.ckpt"))
     settle(dirs)
     assert steps(dirs) == [8, 8] and not list(lead.glob(".*"))
+
+
+def test_a_stage_other_than_distill_or_a_missing_dash_m_is_refused(tmp_path):
+    res = run_cli(["-m", "stage=finetune", "finetune.epochs=1", SHARED, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                  tmp_path)
+    assert res.returncode == 2 and "stage=finetune" in res.stderr.splitlines()[-1]
+    assert not (tmp_path / "sweep").exists()
+    res = run_cli(["drop_path.student=0.1", SHARED, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert res.returncode == 2 and "add -m" in res.stderr.splitlines()[-1] and not (tmp_path / "run").exists()
+
+
+def test_a_refused_command_leaves_an_existing_sweep_as_it_was(swept, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(swept / "sweep", sweep_dir)
+    before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
+    for values, extra, named in ((["drop_path.student=0.1,0.3,0.5"], ["resume=true"], "job 2"),  # one job more
+                                 (["drop_path.student=0.1,0.4"], [], "already holds a run")):  # no resume
+        res = sweep(values, sweep_dir, *extra)
+        assert res.returncode == 2 and named in res.stderr.splitlines()[-1], res.stderr[-2000:]
+        assert "hydra.sweep.dir=" in res.stderr.splitlines()[-1]
+        assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before  # multirun.yaml too

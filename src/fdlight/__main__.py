@@ -20,7 +20,7 @@ from fdlight import console  # noqa: E402
 from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error  # noqa: E402
 from fdlight.config import (  # noqa: E402
     GROUPS, compose, expand_teacher_list, group_choices, primary_keys, top_level_keys)
-from fdlight.errors import FDLightError  # noqa: E402
+from fdlight.errors import FDLightError, check  # noqa: E402
 from fdlight.runs.directory import check_writable  # noqa: E402
 
 # Hydra's flags that take the next argument as their value, and those that point it at a user's own config
@@ -64,11 +64,12 @@ def check_group_overrides(argv: list[str]) -> None:
                     hint = f"did you mean {close[0]}?" if close else \
                         f"the top-level keys are: {', '.join(sorted(known))}"
                     raise FDLightError(f"unknown config key {top!r} in {arg!r}; {hint}")
-        if key not in GROUPS or "," in value or value in ("null", "") or user_config:  # a user's folder adds choices
-            continue
+        if key not in GROUPS or value in ("null", "") or value.startswith("[") or "(" in value or user_config:
+            continue  # a list of teachers, a sweep function, or a user's folder (which adds choices)
         choices = group_choices(key)
-        if value not in choices:
-            raise FDLightError(f"unknown {key} {value!r}; choose one of: {', '.join(choices)}")
+        for choice in value.split(","):  # a sweep's values one by one
+            if choice not in choices:
+                raise FDLightError(f"unknown {key} {choice!r}; choose one of: {', '.join(choices)}")
 
 
 def top_key(arg: str) -> str:
@@ -103,6 +104,12 @@ def check_run(argv: list[str]) -> None:
     from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    shared = "hydra/launcher=shared_teacher" in argv
+    check(multirun or not shared, "hydra/launcher=shared_teacher launches a -m sweep; add -m, e.g. python -m "
+                                  "fdlight -m drop_path.student=0.1,0.2 hydra/launcher=shared_teacher")
+    if multirun and shared and not any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        check_sweep_dir(overrides(argv))
     if any(a.startswith("-") for a in argv):
         check_stage_sections(argv)
         return
@@ -121,6 +128,25 @@ def check_run(argv: list[str]) -> None:
     run_dir = OmegaConf.select(cfg, "hydra.run.dir")
     if run_dir:
         check_writable(Path(str(run_dir)))
+
+
+def check_sweep_dir(args: list[str]) -> None:
+    """A shared-teacher sweep: its directory can be made and written (Hydra's sweeper makes it, and writes
+    multirun.yaml there, before any launcher runs), and what the sweep may need to restore is kept
+    (fdlight.sweeps.record)."""
+    from omegaconf import OmegaConf
+
+    from fdlight.sweeps.record import keep
+
+    sweep_values = [a for a in args if "," not in a.partition("=")[2] or a.partition("=")[2].startswith("[")]
+    try:
+        cfg = compose(sweep_values, with_hydra=True)
+    except Exception:  # noqa: BLE001 - Hydra reports a command it cannot compose, in its own words
+        return
+    sweep_dir = OmegaConf.select(cfg, "hydra.sweep.dir")
+    if sweep_dir:
+        check_writable(Path(str(sweep_dir)), dir_key="hydra.sweep.dir")
+        keep(Path(str(sweep_dir)))
 
 
 def unknown_setting(error: Exception, args: list[str]) -> FDLightError | None:
@@ -157,7 +183,8 @@ def check_sweep_launch(cfg: DictConfig) -> None:
     multi = t is not None and (str(t.strategy) in ("ddp", "fsdp") or str(t.devices) != "1" or int(t.num_nodes) > 1)
     if hc.mode == RunMode.MULTIRUN and basic and multi:
         raise FDLightError("a -m sweep with a multi-GPU trainer would run the whole sweep on every rank; sweep with "
-                           "trainer.devices=1, or launch one job per value (hydra/launcher=submitit_slurm, or torchrun)")
+                           "trainer.devices=1, train a distillation sweep's jobs together (hydra/launcher="
+                           "shared_teacher), or launch one job per value (hydra/launcher=submitit_slurm, or torchrun)")
 
 
 def record_error(run_dir: Path, error: FDLightError) -> None:

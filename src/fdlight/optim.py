@@ -95,3 +95,11 @@ def adamw_with_schedule(groups: list[dict], lr: float, warmup_lr: float, min_lr:
               for g in opt.param_groups]
     sched = torch.optim.lr_scheduler.LambdaLR(opt, curves)
     return opt, sched
+
+
+def closure_loss(closure):
+    """An optimizer step's closure run with gradients on (the loss it returns), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

@@ -73,7 +73,8 @@ COMMON = {
     "warmup_lr": at_least_zero(), "min_lr": at_least_zero(), "layer_decay": Rule(low=0, high=1, strict_low=True),
 }
 SCHEMAS: dict[str, dict[str, Rule]] = {
-    "distill": {"base_lr": LR, "student_seed": Rule(low=0, whole=True, optional=True, hint="null: seed"), "loss_beta": at_least_zero(hint="the paper's smooth-L1 uses 2.0; 0 is L1")},
+    "distill": {"base_lr": LR, "student_seed": Rule(low=0, whole=True, optional=True, hint="null: seed"),
+                "loss_beta": at_least_zero(hint="the paper's smooth-L1 uses 2.0; 0 is L1")},
     "finetune": {"base_lr": LR, "min_scale": Rule(low=0, high=1, strict_low=True), "re_prob": fraction(),
                  "mixup": at_least_zero(), "cutmix": at_least_zero(), "mixup_prob": fraction(),
                  "mixup_switch_prob": fraction(), "label_smoothing": Rule(low=0, high=1, strict_low=False),

@@ -65,7 +65,7 @@ def students_bench(cfg, batch: int, k: int, args, dev: str) -> dict:
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     shared_s = timed(shared_step, args.steps, dev, warmup=args.warmup)
-    mem = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else float("nan")
+    mem = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
     separate_s = timed(separate_steps, args.steps, dev, warmup=args.warmup)
     speedup = separate_s / shared_s
     result = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", teacher=teacher_label(cfg),
@@ -73,6 +73,6 @@ def students_bench(cfg, batch: int, k: int, args, dev: str) -> dict:
                   shared_ms=round(shared_s * 1e3, 2), separate_ms=round(separate_s * 1e3, 2),
                   speedup=round(speedup, 3), flop_bound=round(bound, 3), of_bound=round(speedup / bound, 3),
                   teacher_gflop_per_img=round(teacher_flops / 1e9, 3),
-                  student_gflop_per_img=round(student_flops / 1e9, 3), shared_peak_mem_gib=round(mem, 2))
+                  student_gflop_per_img=round(student_flops / 1e9, 3), shared_peak_mem_gib=mem)
     print("fdlight.bench " + " ".join(f"{key}={v}" for key, v in result.items()))
     return result

@@ -12,7 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from fdlight.errors import FDLightError, check
 from fdlight.layer_decay import layer_ids
 from fdlight.modules.base import TrainingModule
-from fdlight.optim import WarmupSchedule, adamw_with_schedule, original_ndims, param_groups, scaled_lr
+from fdlight.optim import WarmupSchedule, adamw_with_schedule, closure_loss, original_ndims, param_groups, scaled_lr
 
 VIT_NO_DECAY = ("pos_embed", "cls_token", "reg_token", "mask_token")
 SWIN_NO_DECAY = ("absolute_pos_embed", "cpb_mlp", "logit_scale", "relative_position_bias_table")
@@ -157,10 +157,7 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:

@@ -18,6 +18,7 @@ from fdlight.data.seeded import STEP, derived_seed, seed_globals
 from fdlight.errors import FDLightError
 from fdlight.modules.base import FIRST_LOSS_KEY, TrainingModule, clip_norm
 from fdlight.modules.distill import FIRST_LOSSES_KEY, FeatureDistillation
+from fdlight.optim import closure_loss
 
 PREFIX = "students."
 log = logging.getLogger("fdlight")
@@ -40,10 +41,7 @@ class StudentOptimizers(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for o in self.optimizers:
             o.step()
         self._alias()  # a student's first step creates its state

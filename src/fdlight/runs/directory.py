@@ -72,7 +72,12 @@ def describe_changes(keys: list[str], cfg: DictConfig, saved: DictConfig, limit:
     return ", ".join(shown) + more
 
 
-def claim(cfg: DictConfig, run_dir: Path, checkpointed: bool = True) -> Claim:
+def setting(value) -> str:
+    """A value as the command line spells it (true, not Python's True)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def claim(cfg: DictConfig, run_dir: Path, checkpointed: bool = True, dir_key: str = "hydra.run.dir") -> Claim:
     """Check the run directory before anything is built or written: refuse to overwrite an earlier run; with
     `resume`, return its checkpoint (when the stage is `checkpointed`), or its metrics when it is complete, and
     refuse settings that differ from the run's config.yaml unless `resume_allow_changes=true`."""
@@ -83,14 +88,15 @@ def claim(cfg: DictConfig, run_dir: Path, checkpointed: bool = True) -> Claim:
     if not cfg.get("resume"):
         if used:
             raise FDLightError(f"run directory {run_dir} already holds a run ({', '.join(used)}); pass resume=true to "
-                               f"continue it, or choose another hydra.run.dir=")
+                               f"continue it, or choose another {dir_key}=")
         return Claim(run_dir)
     keys: list[str] = []
     if (run_dir / "config.yaml").is_file():
         saved = OmegaConf.load(run_dir / "config.yaml")
         keys = changed_settings(cfg, saved)
         if keys and not cfg.get("resume_allow_changes"):
-            raise FDLightError(f"resume={cfg.resume}: settings differ from the run's {run_dir / 'config.yaml'}: "
+            raise FDLightError(f"resume={setting(cfg.resume)}: settings differ from the run's "
+                               f"{run_dir / 'config.yaml'}: "
                                f"{describe_changes(keys, cfg, saved)}; resume with the run's own settings, or pass "
                                f"resume_allow_changes=true to continue with the new ones")
         if keys:
@@ -101,10 +107,10 @@ def claim(cfg: DictConfig, run_dir: Path, checkpointed: bool = True) -> Claim:
     if not checkpointed:  # a stage of steps (the pipeline) resumes each step from its own directory
         return Claim(run_dir)
     ckpt = run_dir / "checkpoints" / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume)).expanduser()
-    check(ckpt.is_file(), f"resume={cfg.resume}: no checkpoint at {ckpt}; pass resume=<path to a .ckpt> or "
-                          f"resume=true with hydra.run.dir set to the run to continue")
-    check(readable_checkpoint(ckpt), f"resume={cfg.resume}: {ckpt} is not a complete checkpoint (truncated or not "
-                                     f"written by torch.save); pass resume=<path to another .ckpt>")
+    check(ckpt.is_file(), f"resume={setting(cfg.resume)}: no checkpoint at {ckpt}; pass resume=<path to a .ckpt> or "
+                          f"resume=true with {dir_key} set to the run to continue")
+    check(readable_checkpoint(ckpt), f"resume={setting(cfg.resume)}: {ckpt} is not a complete checkpoint (truncated or "
+                                     f"not written by torch.save); pass resume=<path to another .ckpt>")
     return Claim(run_dir, ckpt)
 
 
@@ -127,7 +133,7 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
         write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def check_writable(run_dir: Path) -> None:
+def check_writable(run_dir: Path, dir_key: str = "hydra.run.dir") -> None:
     """Fail in one line when files cannot be created in the run directory, or in the folder it would be made in (a
     read-only mount, no permission)."""
     folder = Path(run_dir)
@@ -136,7 +142,7 @@ def check_writable(run_dir: Path) -> None:
             folder = folder.parent
     except OSError as e:
         raise disk_error(folder, e, "the run directory ") from e
-    check(folder.is_dir(), f"cannot make the run directory {run_dir}: {folder} is a file; pass another hydra.run.dir=")
+    check(folder.is_dir(), f"cannot make the run directory {run_dir}: {folder} is a file; pass another {dir_key}=")
     try:
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".fdlight-probe-")
         os.close(fd)

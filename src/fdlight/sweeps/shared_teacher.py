@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.artifacts import save_torch, write_text
-from fdlight.config import student_seed, teacher_configs
+from fdlight.config import GROUPS, student_seed, teacher_configs
 from fdlight.console import finish_wandb, job as console_job
 from fdlight.errors import FDLightError, check
 from fdlight.models.students import block_classes
@@ -59,21 +59,38 @@ def student_side(key: str) -> bool:
     return under(key, STUDENT_SIDE) and not under(key, BATCH_SIDE)
 
 
-def check_shared(jobs: list[Job]) -> None:
-    """Refuse, in one line, a sweep whose jobs cannot share the teacher and the batches."""
+def check_stages(jobs: list[Job]) -> None:
     for job in jobs:
-        check(job.cfg.stage == "distill", f"hydra/launcher=shared_teacher shares a distillation teacher, but {job.label} "
-                                          f"is stage={job.cfg.stage}; drop hydra/launcher=shared_teacher for it")
+        check(job.cfg.get("stage") == "distill",
+              f"hydra/launcher=shared_teacher shares a distillation teacher, but {job.label} is "
+              f"stage={job.cfg.get('stage')}; sweep other stages without hydra/launcher=shared_teacher")
+
+
+def differing(jobs: list[Job]) -> tuple[str, list] | None:
+    """The first setting that is not student-side and differs between the jobs, as the user would name it (a config
+    group's choice, `teacher=tiny_b`, rather than one of the keys it sets), with its values."""
     flat = [leaves(OmegaConf.to_container(j.cfg, resolve=True)) for j in jobs]
     for key in sorted(set().union(*flat)):
         values = [lv.get(key, "<unset>") for lv in flat]
         if any(v != values[0] for v in values) and not student_side(key) and key not in IGNORED:
-            hint = "; vary the student's own seed with distill.student_seed (the data follow seed)" \
-                if key == "seed" else ""
-            shown = ", ".join(dict.fromkeys(str(v) for v in values))
-            raise FDLightError(f"hydra/launcher=shared_teacher gives every job the same teacher output and batches, so "
-                               f"{key} must be the same in every job (the sweep has {shown}); sweep it without "
-                               f"hydra/launcher=shared_teacher{hint}")
+            group = key.split(".")[0]
+            names = [lv.get(f"{group}.name") for lv in flat]
+            if group in GROUPS and any(n != names[0] for n in names):
+                return f"{group}=", names
+            return key, values
+    return None
+
+
+def check_shared(jobs: list[Job]) -> None:
+    """Refuse, in one line, a sweep whose jobs cannot share the teacher, the batches and the trainer."""
+    found = differing(jobs)
+    if found is not None:
+        key, values = found
+        hint = "; vary the student's own seed with distill.student_seed (the data follow seed)" if key == "seed" else ""
+        shown = ", ".join(dict.fromkeys(str(v) for v in values))
+        raise FDLightError(f"hydra/launcher=shared_teacher runs every job on one teacher, one data stream and one "
+                           f"trainer, so {key} must be the same in every job (the sweep has {shown}); sweep it "
+                           f"without hydra/launcher=shared_teacher{hint}")
     lead = jobs[0].cfg
     check(float(lead.drop_path.teacher) == 0.0,
           f"drop_path.teacher={lead.drop_path.teacher} makes the teacher's output random per job, so it cannot be "
@@ -86,11 +103,16 @@ def check_shared(jobs: list[Job]) -> None:
 
 def claim_all(jobs: list[Job]) -> list[Claim]:
     """Claim every job's directory; they all start, all resume, or are all complete."""
-    claims = [claim(j.cfg, j.run_dir) for j in jobs]
+    claims = []
+    for j in jobs:
+        try:
+            claims.append(claim(j.cfg, j.run_dir, dir_key="hydra.sweep.dir"))
+        except FDLightError as e:
+            raise FDLightError(f"{j.label}: {e}") from None
     kinds = {("complete" if c.finished is not None else "resume" if c.resume_from else "new") for c in claims}
     if len(kinds) > 1:
-        found = ", ".join(f"{j.label}: {'complete' if c.finished is not None else 'checkpoint' if c.resume_from else 'new'}"
-                          for j, c in zip(jobs, claims))
+        state = ["complete" if c.finished is not None else "checkpoint" if c.resume_from else "new" for c in claims]
+        found = ", ".join(f"{j.label}: {s}" for j, s in zip(jobs, state))
         raise FDLightError(f"the sweep's job directories are at different points ({found}); resume each job on its "
                            f"own, without hydra/launcher=shared_teacher")
     return claims
@@ -166,7 +188,8 @@ class JobLogs(Callback):
         for k, (lg, fd, opt) in enumerate(zip(self.loggers, module.students, trainer.optimizers[0].optimizers)):
             norm = module.last_norms[k]
             values = {"train/loss": fd._last_loss, "train/lr": opt.param_groups[-1]["lr"],
-                      "train/grad_norm": norm, "epoch": trainer.current_epoch}
+                      "train/grad_norm": norm, "train/img_per_s": trainer.callback_metrics.get("train/img_per_s"),
+                      "epoch": trainer.current_epoch}  # img/s: the shared step's, which every job took
             lg.log_metrics({n: float(v) for n, v in values.items() if v is not None}, step=trainer.global_step)
 
     def on_train_end(self, trainer, module) -> None:
@@ -200,12 +223,16 @@ def state_bytes(module: torch.nn.Module) -> int:
     return 4 * sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
 
 
+def size(n: int) -> str:
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
 def check_memory(cfg: DictConfig, students: list[FeatureDistillation]) -> None:
     """Log what each student holds; on a GPU, refuse K students whose weights and optimizer state alone exceed the
     free memory (activations come on top)."""
     per = [state_bytes(fd) for fd in students]
-    log.info("shared teacher: %d students, %s GiB of weights, gradients and AdamW state each", len(students),
-             ", ".join(f"{b / 2 ** 30:.2f}" for b in per))
+    log.info("weights, gradients and AdamW state of each student: %s (the teacher comes once on top)",
+             ", ".join(f"job {k} {size(b)}" for k, b in enumerate(per)))
     from fdlight.runs.trainer import on_gpu
 
     if on_gpu(cfg.trainer):
@@ -230,6 +257,7 @@ def build(jobs: list[Job]) -> tuple[SharedTeacherDistillation, L.LightningDataMo
 def run(jobs: list[Job]) -> list[dict]:
     """Train the jobs' students together; each job's metrics (what its metrics.json holds)."""
     lead = jobs[0].cfg
+    check_stages(jobs)
     with cpu_threads(lead, lead.distill):
         L.seed_everything(lead.seed, workers=True, verbose=False)
         check_shared(jobs)
@@ -243,8 +271,11 @@ def run(jobs: list[Job]) -> list[dict]:
             settle([j.run_dir for j in jobs])
         claims = claim_all(jobs)
         if claims[0].finished is not None:
-            log.info("sweep of %d jobs is complete; nothing to do (files left as they are)", len(jobs))
+            log.info("the sweep's %d jobs are complete; nothing to do (files left as they are)", len(jobs))
             return [c.finished for c in claims]
+        log.info("%d jobs in one process, one teacher forward and one data stream for all:", len(jobs))
+        for job in jobs:
+            log.info("  %s -> %s", job.label, job.run_dir)
         with job_log_files(jobs), console_job():
             try:
                 return train(jobs, claims)
@@ -260,7 +291,8 @@ def train(jobs: list[Job], claims: list[Claim]) -> list[dict]:
     loggers = [build_logger(j.cfg, j.run_dir, group=str(j.run_dir.parent)) for j in jobs]
     s = lead.distill
     trainer = build_trainer(lead, s, dirs[0], callbacks=[meter, JobLogs(loggers, int(s.log_every_n_steps))],
-                            wrap_classes=block_classes(lead.student), checkpoint_every=s.get("checkpoint_every_n_steps"),
+                            wrap_classes=block_classes(lead.student),
+                            checkpoint_every=s.get("checkpoint_every_n_steps"),
                             logger=False, checkpoint_io=JobCheckpoints(dirs))
     for job, c in zip(jobs, claims):
         save_config(job.cfg, job.run_dir)

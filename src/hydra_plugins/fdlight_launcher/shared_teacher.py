@@ -59,6 +59,7 @@ class SharedTeacherLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from fdlight.errors import FDLightError
         from fdlight.runs.directory import is_secondary_rank
+        from fdlight.sweeps.record import restore
         from fdlight.sweeps.shared_teacher import Job, run
 
         setup_globals()
@@ -81,9 +82,6 @@ class SharedTeacherLauncher(Launcher):
             shown = " ".join(filter_overrides(overrides))
             configs.append((cfg, task, list(overrides)))
             jobs.append(Job(task, Path(cfg.hydra.runtime.output_dir), f"job {idx} ({shown})"))
-        log.info("Launching %d jobs in one process, sharing the teacher and the batches", len(jobs))
-        for job in jobs:
-            log.info("\t%s", job.label)
         callbacks = self.hydra_context.callbacks
         for cfg, task, _ in configs:
             callbacks.on_job_start(config=cfg, task_function=self.task_function)
@@ -91,7 +89,7 @@ class SharedTeacherLauncher(Launcher):
             results = run(jobs)
         except FDLightError as e:
             print(f"fdlight: error: {e}", file=sys.stderr)
-            if not getattr(e, "run_started", False):
+            if not getattr(e, "run_started", False) and not restore(sweep_dir):  # as it was before this command
                 forget_new_sweep(sweep_dir, before)
             sys.exit(2)
         returns = []
