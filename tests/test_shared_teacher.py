@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
+from test_distill_errors import write_imagefolder
 from fdlight.models.weights import read_export_metadata
 from fdlight.modules.base import FIRST_LOSS_KEY
 from fdlight.modules.distill import FIRST_LOSSES_KEY
@@ -240,3 +241,12 @@ def test_a_refused_command_leaves_an_existing_sweep_as_it_was(swept, tmp_path):
         assert res.returncode == 2 and named in res.stderr.splitlines()[-1], res.stderr[-2000:]
         assert "hydra.sweep.dir" in res.stderr.splitlines()[-1] and "hydra.run.dir" not in res.stderr
         assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before  # multirun.yaml too
+
+
+def test_a_sweep_whose_first_batch_fails_leaves_no_directory(tmp_path):
+    write_imagefolder(tmp_path / "imagenet", per_class=4, corrupt=1)  # 9 images, one unreadable: the first batch
+    res = run_cli(["-m", SHARED, "trainer=cpu", "drop_path.student=0.1,0.3", "data=imagenet",
+                   f"data.root={tmp_path / 'imagenet'}", "data.strict=true", "data.num_workers=1",
+                   "distill.batch_size=9", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert res.returncode == 2 and "broken_0.JPEG" in res.stderr.splitlines()[-1], res.stderr[-2000:]
+    assert not (tmp_path / "sweep").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from fdlight.runs.callbacks import Throughput
 from fdlight.runs.directory import Claim, claim, is_secondary_rank, leaves, save_config
 from fdlight.runs.gather import full_state_dict
 from fdlight.runs.template import Training, worker_error
-from fdlight.runs.trainer import AtomicCheckpointIO, build_logger, build_trainer, cpu_threads
+from fdlight.runs.trainer import AtomicCheckpointIO, build_logger, build_trainer, cpu_threads, on_gpu
 from fdlight.settings import check_sections
 from fdlight.stages.distill import STAGE as DISTILL, distill_data
 
@@ -233,8 +234,6 @@ def check_memory(cfg: DictConfig, students: list[FeatureDistillation]) -> None:
     per = [state_bytes(fd) for fd in students]
     log.info("weights, gradients and AdamW state of each student: %s (the teacher comes once on top)",
              ", ".join(f"job {k} {size(b)}" for k, b in enumerate(per)))
-    from fdlight.runs.trainer import on_gpu
-
     if on_gpu(cfg.trainer):
         free, _ = torch.cuda.mem_get_info()
         check(sum(per) < free, f"{len(students)} students need {sum(per) / 2 ** 30:.1f} GiB for weights, gradients and "
@@ -276,12 +275,18 @@ def run(jobs: list[Job]) -> list[dict]:
         log.info("%d jobs in one process, one teacher forward and one data stream for all:", len(jobs))
         for job in jobs:
             log.info("  %s -> %s", job.label, job.run_dir)
+        new = [j.run_dir for j in jobs if not j.run_dir.exists()]
         with job_log_files(jobs), console_job():
             try:
                 return train(jobs, claims)
             except FDLightError as e:
-                e.run_started = True
-                raise
+                error = e  # a first batch that fails (data.strict) leaves no job directory, as a run leaves none
+                error.run_started = any(c.resume_from for c in claims) or any(
+                    (j.run_dir / "checkpoints" / "last.ckpt").exists() for j in jobs)
+        if not error.run_started and not is_secondary_rank():
+            for d in new:
+                shutil.rmtree(d, ignore_errors=True)
+        raise error
 
 
 def train(jobs: list[Job], claims: list[Claim]) -> list[dict]:
