@@ -92,6 +92,8 @@ def test_each_job_directory_holds_what_a_run_writes(swept):
         for name in ("checkpoints/last.ckpt", "student.safetensors", "metrics.json", "config.yaml", "fdlight.log"):
             assert (d / name).is_file(), name
         assert not list((d / "checkpoints").glob(".*"))  # no pending checkpoint or commit mark left
+        log = (d / "fdlight.log").read_text()  # its own closing line, not the other job's
+        assert f"artifacts in {d}:" in log and f"artifacts in {d.parent / ('1' if job == '0' else '0')}:" not in log
         rows = (d / "logs/version_0/metrics.csv").read_text().splitlines()
         theirs = (swept / "separate_0.1/logs/version_0/metrics.csv").read_text().splitlines()
         assert rows[0] == theirs[0] and "train/loss" in rows[0] and len(rows) > 4  # the columns a separate run logs

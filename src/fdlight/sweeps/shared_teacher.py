@@ -7,6 +7,7 @@ or the batches must be the same, or the sweep is refused in one line before any 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import shutil
@@ -200,15 +201,32 @@ class JobLogs(Callback):
                 finish_wandb(lg._experiment)
 
 
+# The job whose own lines are being logged (its closing line); None: a line about the whole sweep.
+CURRENT_JOB: contextvars.ContextVar[int | None] = contextvars.ContextVar("fdlight_job", default=None)
+
+
+class OneJob(logging.Filter):
+    """Job k's log file: the sweep's lines and job k's own, not the other jobs'."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        self.k = k
+
+    def filter(self, record) -> bool:
+        return CURRENT_JOB.get() in (None, self.k)
+
+
 @contextlib.contextmanager
 def job_log_files(jobs: list[Job]):
-    """Every job's directory gets the sweep's log (fdlight.log), as a separate run gets its own."""
+    """Every job's directory gets its log (fdlight.log), as a separate run gets its own: the sweep's lines (the
+    shared training) and the job's own."""
     root = logging.getLogger()
     handlers = []
-    for job in jobs:
+    for k, job in enumerate(jobs):
         job.run_dir.mkdir(parents=True, exist_ok=True)
         h = logging.FileHandler(job.run_dir / "fdlight.log")
         h.setFormatter(logging.Formatter("[%(asctime)s][%(name)s] %(message)s"))
+        h.addFilter(OneJob(k))
         root.addHandler(h)
         handlers.append(h)
     try:
@@ -324,7 +342,11 @@ def train(jobs: list[Job], claims: list[Claim]) -> list[dict]:
                    "wall_s": wall, "shared_teacher": {"job": k, "jobs": len(jobs)}}
         if trainer.is_global_zero:
             student = {n[len("student."):]: v for n, v in state.items() if n.startswith("student.")}
-            artifacts = DISTILL.export(job.cfg, job.run_dir, built, student)
-            DISTILL.finish(job.run_dir, metrics, [*artifacts, job.run_dir / "checkpoints" / "last.ckpt"])
+            token = CURRENT_JOB.set(k)
+            try:
+                artifacts = DISTILL.export(job.cfg, job.run_dir, built, student)
+                DISTILL.finish(job.run_dir, metrics, [*artifacts, job.run_dir / "checkpoints" / "last.ckpt"])
+            finally:
+                CURRENT_JOB.reset(token)
         results.append(metrics)
     return results
