@@ -2,8 +2,8 @@
 forward per batch for K students, each job's directory holding what its separate run would write (docs/method.md
 §1.13). The Hydra launcher (hydra_plugins.fdlight_launcher) hands each job's config and directory to `run`.
 
-Only student-side settings may differ between the jobs (STUDENT_SIDE); anything that changes the teacher's output
-or the batches must be the same, or the sweep is refused in one line before any directory is made."""
+Only student-side settings may differ between the jobs (fdlight.sweeps.rules); anything that changes the teacher's
+output or the batches must be the same, or the sweep is refused in one line before any directory is made."""
 from __future__ import annotations
 
 import contextlib
@@ -12,16 +12,15 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from fdlight.artifacts import save_torch, write_text
-from fdlight.config import GROUPS, student_seed, teacher_configs
+from fdlight.config import student_seed, teacher_configs
 from fdlight.console import finish_wandb, job as console_job
 from fdlight.errors import FDLightError, check
 from fdlight.models.students import block_classes
@@ -29,79 +28,15 @@ from fdlight.models.teachers import build_teacher
 from fdlight.modules.distill import FeatureDistillation
 from fdlight.modules.shared import SharedTeacherDistillation, merge_checkpoints, split_checkpoint
 from fdlight.runs.callbacks import Throughput
-from fdlight.runs.directory import Claim, claim, is_secondary_rank, leaves, save_config
+from fdlight.runs.directory import Claim, claim, is_secondary_rank, save_config
 from fdlight.runs.gather import full_state_dict
 from fdlight.runs.template import Training, worker_error
 from fdlight.runs.trainer import AtomicCheckpointIO, build_logger, build_trainer, cpu_threads, on_gpu
 from fdlight.settings import check_sections
 from fdlight.stages.distill import STAGE as DISTILL, distill_data
+from fdlight.sweeps.rules import Job, check_jobs
 
 log = logging.getLogger("fdlight")
-
-# Settings that may differ between the jobs: they change a student, not the teacher's output or the batches.
-STUDENT_SIDE = ("student", "drop_path.student", "drop_path.mode", "distill.base_lr", "distill.warmup_lr",
-                "distill.min_lr", "distill.weight_decay", "distill.betas", "distill.clip_grad", "distill.loss_beta",
-                "distill.student_seed")
-# ... except these, which change the batches (the crop's size) or are not results at all.
-BATCH_SIDE = ("student.img_size",)
-IGNORED = ("resume", "resume_allow_changes")
-
-
-@dataclass
-class Job:
-    """One job of the sweep: its config (Hydra's node removed), its directory and how messages name it."""
-    cfg: DictConfig
-    run_dir: Path
-    label: str
-
-
-def student_side(key: str) -> bool:
-    def under(k, keys):
-        return any(k == f or k.startswith(f + ".") for f in keys)
-    return under(key, STUDENT_SIDE) and not under(key, BATCH_SIDE)
-
-
-def check_stages(jobs: list[Job]) -> None:
-    for job in jobs:
-        check(job.cfg.get("stage") == "distill",
-              f"hydra/launcher=shared_teacher shares a distillation teacher, but {job.label} is "
-              f"stage={job.cfg.get('stage')}; sweep other stages without hydra/launcher=shared_teacher")
-
-
-def differing(jobs: list[Job]) -> tuple[str, list] | None:
-    """The first setting that is not student-side and differs between the jobs, as the user would name it (a config
-    group's choice, `teacher=tiny_b`, rather than one of the keys it sets), with its values."""
-    flat = [leaves(OmegaConf.to_container(j.cfg, resolve=True)) for j in jobs]
-    for key in sorted(set().union(*flat)):
-        values = [lv.get(key, "<unset>") for lv in flat]
-        if any(v != values[0] for v in values) and not student_side(key) and key not in IGNORED:
-            group = key.split(".")[0]
-            names = [lv.get(f"{group}.name") for lv in flat]
-            if group in GROUPS and any(n != names[0] for n in names):
-                return f"{group}=", names
-            return key, values
-    return None
-
-
-def check_shared(jobs: list[Job]) -> None:
-    """Refuse, in one line, a sweep whose jobs cannot share the teacher, the batches and the trainer."""
-    found = differing(jobs)
-    if found is not None:
-        key, values = found
-        hint = "; vary the student's own seed with distill.student_seed (the data follow seed)" if key == "seed" else ""
-        shown = ", ".join(dict.fromkeys(str(v) for v in values))
-        raise FDLightError(f"hydra/launcher=shared_teacher runs every job on one teacher, one data stream and one "
-                           f"trainer, so {key} must be the same in every job (the sweep has {shown}); sweep it "
-                           f"without hydra/launcher=shared_teacher{hint}")
-    lead = jobs[0].cfg
-    check(float(lead.drop_path.teacher) == 0.0,
-          f"drop_path.teacher={lead.drop_path.teacher} makes the teacher's output random per job, so it cannot be "
-          f"shared; use drop_path=asymmetric (teacher 0) or sweep without hydra/launcher=shared_teacher")
-    check(lead.trainer.strategy != "fsdp", "hydra/launcher=shared_teacher holds every student whole on each device; "
-                                          "use trainer=ddp or one device, or sweep without it under trainer=fsdp")
-    check(lead.resume in (True, False), f"resume={lead.resume}: a shared-teacher sweep resumes with resume=true "
-                                        f"(each job from its own checkpoints/last.ckpt)")
-
 
 def claim_all(jobs: list[Job]) -> list[Claim]:
     """Claim every job's directory; they all start, all resume, or are all complete."""
@@ -273,11 +208,10 @@ def build(jobs: list[Job]) -> tuple[SharedTeacherDistillation, L.LightningDataMo
 
 def run(jobs: list[Job]) -> list[dict]:
     """Train the jobs' students together; each job's metrics (what its metrics.json holds)."""
+    check_jobs(jobs)  # the launcher has run them already; a caller of run() may not have
     lead = jobs[0].cfg
-    check_stages(jobs)
     with cpu_threads(lead, lead.distill):
         L.seed_everything(lead.seed, workers=True, verbose=False)
-        check_shared(jobs)
         for job in jobs:
             try:
                 check_sections(job.cfg)

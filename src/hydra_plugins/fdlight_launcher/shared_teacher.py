@@ -60,7 +60,7 @@ class SharedTeacherLauncher(Launcher):
         from fdlight.errors import FDLightError
         from fdlight.runs.directory import is_secondary_rank
         from fdlight.sweeps.record import restore
-        from fdlight.sweeps.shared_teacher import Job, run
+        from fdlight.sweeps.rules import Job, check_jobs
 
         setup_globals()
         configure_log(console_logging(self.config.hydra.job_logging), self.config.hydra.verbose)
@@ -86,6 +86,9 @@ class SharedTeacherLauncher(Launcher):
         for cfg, task, _ in configs:
             callbacks.on_job_start(config=cfg, task_function=self.task_function)
         try:
+            check_jobs(jobs)  # on the configs alone, before torch loads
+            from fdlight.sweeps.shared_teacher import run
+
             results = run(jobs)
         except FDLightError as e:
             print(f"fdlight: error: {e}", file=sys.stderr)
