@@ -252,3 +252,17 @@ def test_a_sweep_whose_first_batch_fails_leaves_no_directory(tmp_path):
                    "distill.batch_size=9", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert res.returncode == 2 and "broken_0.JPEG" in res.stderr.splitlines()[-1], res.stderr[-2000:]
     assert not (tmp_path / "sweep").exists()
+
+
+def test_several_teachers_shared_equal_their_separate_run(tmp_path):
+    res = sweep(["drop_path.student=0.1,0.2", "teacher=[tiny,tiny_b]"], tmp_path / "sweep", "distill.max_steps=3")
+    assert res.returncode == 0, res.stderr[-3000:]
+    separate(["drop_path.student=0.2", "teacher=[tiny,tiny_b]"], tmp_path / "alone", "distill.max_steps=3")
+    job, alone = tmp_path / "sweep" / "1", tmp_path / "alone"
+    for name in ("student.safetensors", "adaptors.safetensors"):
+        assert max_difference(job / name, alone / name) <= 1e-6
+    mine, theirs = (json.loads((d / "metrics.json").read_text())["teachers"] for d in (job, alone))
+    assert mine.keys() == {"tiny", "tiny_b"} and all(
+        mine[t]["last_loss"] == pytest.approx(theirs[t]["last_loss"], abs=1e-6) for t in mine)
+    assert (job / "logs/version_0/metrics.csv").read_text().splitlines()[0] == \
+        (alone / "logs/version_0/metrics.csv").read_text().splitlines()[0]  # train/loss/<teacher> logged too

@@ -42,7 +42,7 @@ def students_bench(cfg, batch: int, k: int, args, dev: str) -> dict:
 
     def shared_step():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
-            losses = student_losses(students, x)
+            losses = [loss for loss, _ in student_losses(students, x)]
         sum(losses).backward()
         for fd, (opt, sched) in zip(students, optims):
             update(fd, opt, sched)

@@ -271,13 +271,20 @@ class FeatureDistillation(TrainingModule):
 
     def record_teacher_losses(self, losses: Mapping[str, torch.Tensor], total: torch.Tensor) -> None:
         """Log each teacher's loss and its weighted share of the total; keep its first and last value."""
+        for key, value in self.keep_teacher_losses(losses, total).items():
+            self.log(key, value)
+
+    def keep_teacher_losses(self, losses: Mapping[str, torch.Tensor], total: torch.Tensor) -> dict[str, float]:
+        """Keep each teacher's first and last loss; what to log: its loss and its weighted share of the total."""
         *values, whole = torch.stack([*(losses[n].detach().float() for n in self.names),
                                       total.detach().float()]).tolist()  # one device sync for all
+        logged = {}
         for n, v in zip(self.names, values):
             self.first_losses.setdefault(n, v)
             self.last_losses[n] = v
-            self.log(f"train/loss/{n}", v)
-            self.log(f"train/loss_share/{n}", self.specs[n].loss_weight * v / whole if whole > 0 else 0.0)
+            logged[f"train/loss/{n}"] = v
+            logged[f"train/loss_share/{n}"] = self.specs[n].loss_weight * v / whole if whole > 0 else 0.0
+        return logged
 
     def teacher_losses(self) -> dict[str, dict]:
         """{teacher: loss weight, whitening, adaptor, first and last loss} for metrics.json."""

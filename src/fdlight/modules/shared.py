@@ -91,6 +91,7 @@ class SharedTeacherDistillation(TrainingModule):
         self.students = nn.ModuleList(students)
         self.seeds, self.labels = [int(s) for s in seeds], list(labels)
         self.last_norms: list[torch.Tensor | None] = [None] * len(students)
+        self.teacher_metrics: list[dict] = [{} for _ in students]
 
     @property
     def lead(self) -> FeatureDistillation:
@@ -118,7 +119,9 @@ class SharedTeacherDistillation(TrainingModule):
                                       self.trainer.global_rank))
 
         total = None
-        for k, (fd, loss) in enumerate(zip(self.students, student_losses(self.students, x, seed))):
+        for k, (fd, (loss, losses)) in enumerate(zip(self.students, student_losses(self.students, x, seed))):
+            if not fd.single:  # several teachers: each one's loss and share, kept and logged per job
+                self.teacher_metrics[k] = fd.keep_teacher_losses(losses, loss)
             try:
                 fd.track_loss(loss, "FD", "lower distill.base_lr or check the teacher weights and input data",
                               optimizers=[self.trainer.optimizers[0].optimizers[k]])
@@ -170,17 +173,18 @@ class SharedTeacherDistillation(TrainingModule):
             fd.first_loss, fd.first_losses = first, dict(firsts or {})
 
 
-def student_losses(students, x: torch.Tensor, before=None) -> list[torch.Tensor]:
-    """Every student's FD loss on one batch from one forward of the teachers (the students share them);
-    `before(k)` runs before student k's forward (its seeding)."""
+def student_losses(students, x: torch.Tensor, before=None) -> list[tuple[torch.Tensor, dict]]:
+    """Every student's FD loss (and its per-teacher losses) on one batch from one forward of the teachers (the
+    students share them); `before(k)` runs before student k's forward (its seeding)."""
     lead = students[0]
     tokens = {n: lead.teacher_tokens(n, x) for n in lead.names}
-    losses = []
+    out = []
     for k, fd in enumerate(students):
         if before is not None:
             before(k)
-        losses.append(fd.weighted(fd.distill_losses(x, tokens)))
-    return losses
+        losses = fd.distill_losses(x, tokens)
+        out.append((fd.weighted(losses), losses))
+    return out
 
 
 def split_checkpoint(checkpoint: dict, k: int) -> dict:

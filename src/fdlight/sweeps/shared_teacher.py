@@ -127,6 +127,7 @@ class JobLogs(Callback):
             values = {"train/loss": fd._last_loss, "train/lr": opt.param_groups[-1]["lr"],
                       "train/grad_norm": norm, "train/img_per_s": trainer.callback_metrics.get("train/img_per_s"),
                       "epoch": trainer.current_epoch}  # img/s: the shared step's, which every job took
+            values.update(module.teacher_metrics[k])
             lg.log_metrics({n: float(v) for n, v in values.items() if v is not None}, step=trainer.global_step)
 
     def on_train_end(self, trainer, module) -> None:
