@@ -140,10 +140,9 @@ def test_under_ddp_each_rank_holds_every_student_and_the_jobs_equal_separate_ddp
     res = sweep(["drop_path.student=0.1,0.3", *ddp], tmp_path / "sweep")
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0", "1", "multirun.yaml"]
-    for job, rate in (("0", "0.1"), ("1", "0.3")):
-        separate([f"drop_path.student={rate}", *ddp], tmp_path / f"separate_{rate}")
-        assert max_difference(tmp_path / "sweep" / job / "student.safetensors",
-                              tmp_path / f"separate_{rate}" / "student.safetensors") <= 1e-6
+    separate(["drop_path.student=0.3", *ddp], tmp_path / "separate")  # job 1's (job 0's seeds are the default's)
+    assert max_difference(tmp_path / "sweep/1/student.safetensors", tmp_path / "separate/student.safetensors") <= 1e-6
+    for job in ("0", "1"):
         assert json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["steps"] == 4  # 64 / (2 x 16)
 
 
