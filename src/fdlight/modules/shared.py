@@ -128,15 +128,8 @@ class SharedTeacherDistillation(TrainingModule):
             except FDLightError as e:
                 raise FDLightError(f"{self.labels[k]}: {e}") from None
             total = loss if total is None else total + loss
-        if self._first_loss is None:
-            self._first_loss = total.detach()
-        self._last_loss = total.detach()
         self.log("train/loss_mean", total.detach() / len(self.students), prog_bar=True)  # over students
         return total
-
-    def job_losses(self) -> list[tuple[float | None, float | None]]:
-        """(first, last) loss of every student."""
-        return [(fd.first_loss, fd.last_loss) for fd in self.students]
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Each student clipped by its own global norm and limit, as its separate run clips it."""

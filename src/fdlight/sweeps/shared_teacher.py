@@ -124,7 +124,7 @@ class JobLogs(Callback):
             return
         for k, (lg, fd, opt) in enumerate(zip(self.loggers, module.students, trainer.optimizers[0].optimizers)):
             norm = module.last_norms[k]
-            values = {"train/loss": fd._last_loss, "train/lr": opt.param_groups[-1]["lr"],
+            values = {"train/loss": fd.last_loss, "train/lr": opt.param_groups[-1]["lr"],
                       "train/grad_norm": norm, "train/img_per_s": trainer.callback_metrics.get("train/img_per_s"),
                       "epoch": trainer.current_epoch}  # img/s: the shared step's, which every job took
             values.update(module.teacher_metrics[k])
