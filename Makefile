@@ -13,8 +13,10 @@ install:
 demo: install
 	$(PYTHON) -m fdlight experiment=demo
 
+# One worker a core (at most 4; each with its share of the cores); tests that share a module's tiny run, or start
+# several processes at once, are grouped onto one worker (tests/conftest.py).
 test: install
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests
 
 bench: install
 	$(PYTHON) -m fdlight.bench

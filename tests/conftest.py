@@ -14,8 +14,29 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 if not torch.cuda.is_available():  # Triton kernels (trainer.attention=triton) run in its CPU interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # pytest -n N: the cores are shared out, so N workers do not fight
+    THREADS = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))  # the runs a test starts in a subprocess too
+    torch.set_num_threads(THREADS)
 
 TINY = ["trainer=cpu", "logger=csv"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker with the rest of its group, "
+                                       "one at a time (several processes at once, or a process killed)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadgroup`, the tests of a module that share a module-scoped fixture (one tiny run
+    that several tests read) go to one worker, so the run is made once; every other test goes where a worker is free."""
+    for item in items:
+        fixtures = getattr(item, "_fixtureinfo", None)
+        if item.get_closest_marker("xdist_group") or fixtures is None:
+            continue
+        if any(defs[-1].scope in ("module", "class", "package") for defs in fixtures.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 
 
 def compose(overrides=()):

@@ -26,6 +26,7 @@ def test_the_slurm_preset_asks_for_one_task_per_gpu_on_the_trainers_nodes():
     assert params["partition"] == "gpu" and params["timeout_min"] == 4320
 
 
+@pytest.mark.xdist_group("processes")  # two processes at once: not beside another pair
 def test_a_drop_path_sweep_runs_as_two_local_submitit_jobs(tmp_path):
     sweep = tmp_path / "sweep"
     res = run_cli(["-m", "hydra/launcher=submitit_local", "drop_path.student=0.1,0.2", *TINY, "data.num_train=64",

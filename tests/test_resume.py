@@ -128,6 +128,7 @@ def test_distillation_killed_at_an_epoch_boundary_resumes_bit_for_bit(distill_re
     assert killed_at % 8 == 0
 
 
+@pytest.mark.xdist_group("processes")  # two processes at once: not beside another pair
 def test_distillation_over_two_ddp_processes_resumes_bit_for_bit(tmp_path):
     # DDP over gloo on CPU processes, the code path of trainer=ddp on GPUs; 128 images, 16 a batch on each of 2
     # ranks: 4 steps an epoch, 4 epochs; checkpoints every 3 steps.

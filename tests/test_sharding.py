@@ -6,6 +6,7 @@ import csv
 import json
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -63,6 +64,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.xdist_group("processes")  # two processes at once: not beside another pair
 def test_fsdp_keeps_weight_decay_groups_and_gathers_full_weights(tmp_path):
     out = tmp_path / "result.json"
     mp.spawn(shard_and_check, args=(free_port(), str(out)), nprocs=2, join=True)
@@ -80,6 +82,7 @@ def test_sweep_with_a_multi_gpu_trainer_is_refused_in_one_line(tmp_path):
     assert res.returncode == 2 and len(lines) == 1 and "trainer.devices=1" in lines[0]
 
 
+@pytest.mark.xdist_group("processes")  # two processes at once: not beside another pair
 def test_ddp_over_two_cpu_processes_trains_one_run_with_the_global_batch(tmp_path):
     """The same DDP code path as trainer=ddp on GPUs, over gloo: the data is split between the ranks, the lr is scaled
     by the global batch, and rank 0 alone writes the run (the second process must not refuse the run directory)."""
@@ -100,6 +103,7 @@ def test_ddp_over_two_cpu_processes_trains_one_run_with_the_global_batch(tmp_pat
     assert list((run / "checkpoints").iterdir()) == [run / "checkpoints" / "last.ckpt"]
 
 
+@pytest.mark.xdist_group("processes")  # two processes at once: not beside another pair
 def test_ddp_segmentation_on_cpus_keeps_batchnorm_per_process_and_writes_one_run(tmp_path):
     """SyncBatchNorm is CUDA-only in PyTorch: on CPU processes the recipe's BatchNorm keeps per-process statistics,
     and the stage still trains, validates over both ranks and writes its artifacts once."""

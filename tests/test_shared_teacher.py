@@ -134,6 +134,7 @@ def test_a_killed_sweep_resumes_bit_for_bit(swept, tmp_path):
     assert again.returncode == 0 and "complete" in again.stdout + again.stderr
 
 
+@pytest.mark.xdist_group("processes")  # two processes at once: not beside another pair
 def test_under_ddp_each_rank_holds_every_student_and_the_jobs_equal_separate_ddp_runs(tmp_path):
     # DDP over gloo on two CPU processes, the code path of trainer=ddp on GPUs
     ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "distill.epochs=2"]
