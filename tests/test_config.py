@@ -57,16 +57,3 @@ def test_the_key_check_leaves_hydra_flags_and_deliberate_new_keys_alone():
                       (["-m", "distil.epochs=1,2"], "did you mean distill")):
         with pytest.raises(FDLightError, match=hint):
             check_group_overrides(bad)
-
-
-def test_the_cli_makes_openmp_threads_wait_passively_unless_told_otherwise():
-    import os
-    import subprocess
-    import sys
-
-    code = "import fdlight.__main__, os, torch; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    plain = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    told = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
-                          capture_output=True, text=True, check=True)
-    assert plain.stdout.split() == ["PASSIVE"] and told.stdout.split() == ["ACTIVE"]

@@ -4,24 +4,18 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-import os
 import sys
 from pathlib import Path
 
-# OpenMP threads that spin while they wait (libgomp's default) slowed the CPU step 3x on a machine shared with other
-# jobs; read when torch loads, so it is set before anything imports it (an exported value wins)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from fdlight import console  # noqa: E402
-from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error  # noqa: E402
-from fdlight.config import (  # noqa: E402
-    GROUPS, compose, expand_teacher_list, group_choices, primary_keys, top_level_keys)
-from fdlight.errors import FDLightError, check  # noqa: E402
-from fdlight.runs.directory import check_writable  # noqa: E402
+from fdlight import console
+from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error
+from fdlight.config import GROUPS, compose, expand_teacher_list, group_choices, primary_keys, top_level_keys
+from fdlight.errors import FDLightError, check
+from fdlight.runs.directory import check_writable
 
 # Hydra's flags that take the next argument as their value, and those that point it at a user's own config
 # (whose keys fdlight cannot know).
