@@ -13,7 +13,8 @@ from omegaconf import DictConfig
 
 from fdlight import console
 from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error
-from fdlight.config import GROUPS, compose, expand_teacher_list, group_choices, primary_keys, top_level_keys
+from fdlight.config import (GROUPS, check_data_keys, compose, expand_teacher_list, group_choices, primary_keys,
+                            top_level_keys, unread_data_key)
 from fdlight.errors import FDLightError, check
 from fdlight.runs.directory import check_writable
 
@@ -119,6 +120,7 @@ def check_run(argv: list[str]) -> None:
     except Exception:  # noqa: BLE001 - any other composition error is Hydra's to report, in its own words
         check_stage_sections(argv)
         return
+    check_data_keys(cfg.get("data"), cfg.hydra.runtime.choices.get("data"), args)  # before Hydra makes anything
     run_dir = OmegaConf.select(cfg, "hydra.run.dir")
     if run_dir:
         check_writable(Path(str(run_dir)))
@@ -156,9 +158,12 @@ def unknown_setting(error: Exception, args: list[str]) -> FDLightError | None:
     arg = next((a for a in args if a.partition("=")[0].lstrip("+~") == full_key), full_key)
     parent, _, leaf = full_key.rpartition(".")
     try:
-        node = OmegaConf.select(compose([a for a in args if a != arg], with_hydra=True), parent) if parent else None
+        rest = compose([a for a in args if a != arg], with_hydra=True)
+        node = OmegaConf.select(rest, parent) if parent else None
     except Exception:  # noqa: BLE001 - the names are only a hint
-        node = None
+        rest = node = None
+    if parent == "data" and rest is not None and rest.hydra.runtime.choices.get("data") in group_choices("data"):
+        return unread_data_key(rest.hydra.runtime.choices.data, leaf, arg)
     known = sorted(str(k) for k in node) if OmegaConf.is_dict(node) else []
     close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
     hint = f"did you mean {parent}.{close[0]}?" if close else \
@@ -236,13 +241,14 @@ def fail(run_dir: Path, error: FDLightError) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://fdlight.conf", config_name="config")
 def _app(cfg: DictConfig) -> float | None:
-    # torch, Lightning and timm load here, once the command line has been checked (its errors come in a second)
-    from fdlight.stages import run
-
     guard_log_files()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        check_data_keys(cfg.get("data"), HydraConfig.get().runtime.choices.get("data"), overrides(sys.argv[1:]))
         check_sweep_launch(cfg)
+        # torch, Lightning and timm load here, once the command line has been checked (its errors come in a second)
+        from fdlight.stages import run
+
         with console.job():
             metrics = run(cfg, run_dir)
     except FDLightError as e:

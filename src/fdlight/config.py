@@ -70,6 +70,33 @@ def group_config(group: str, choice: str) -> DictConfig:
     return compose([f"{group}={choice}"])[group]
 
 
+@lru_cache(maxsize=None)
+def data_keys(choice: str) -> tuple[str, ...]:
+    """The settings data=<choice> declares: a data config lists exactly the keys its source reads."""
+    return tuple(sorted(str(k) for k in group_config("data", choice)))
+
+
+def unread_data_key(choice: str, key: str, arg: str | None = None) -> FDLightError:
+    """`data.root=...` with a data= that reads no data.root (data=synthetic generates its images) would train on
+    other data than the user meant: one line naming the sources that read the key."""
+    readers = [c for c in group_choices("data") if key in data_keys(c)]
+    hint = f"data.{key} is read by data={', data='.join(readers)}: choose one of those" if readers else \
+        f"data={choice} has: {', '.join(data_keys(choice))}"
+    given = f" ({arg!r})" if arg else " (set by the chosen experiment=)"
+    return FDLightError(f"data={choice} does not read data.{key}{given}, so it would be ignored; {hint}")
+
+
+def check_data_keys(data: DictConfig | None, choice: str | None, args=()) -> None:
+    """Every key of the composed `data` is one the chosen data config declares (a shipped choice: a user's own config
+    directory declares its own); `args`, the command line's overrides, name the one that set it."""
+    if data is None or choice not in group_choices("data"):
+        return
+    for key in map(str, data):
+        if key not in data_keys(choice):
+            arg = next((a for a in args if a.partition("=")[0].lstrip("+~") == f"data.{key}"), None)
+            raise unread_data_key(choice, key, arg)
+
+
 def section(cfg: DictConfig, stage: str) -> DictConfig:
     """cfg's `<stage>` section, or the shipped one when cfg was composed for another stage."""
     return cfg[stage] if cfg.get(stage) is not None else stage_defaults(stage)
