@@ -13,10 +13,11 @@ from omegaconf import DictConfig
 
 from fdlight import console
 from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error
-from fdlight.config import (GROUPS, check_data_keys, compose, expand_teacher_list, group_choices, primary_keys,
-                            top_level_keys, unread_data_key)
+from fdlight.config import (GROUPS, check_data_keys, check_student_model, compose, expand_teacher_list,
+                            group_choices, primary_keys, top_level_keys, unread_data_key)
 from fdlight.errors import FDLightError, check
 from fdlight.runs.directory import check_writable
+from fdlight.settings import check_sections
 
 # Hydra's flags that take the next argument as their value, and those that point it at a user's own config
 # (whose keys fdlight cannot know).
@@ -100,6 +101,7 @@ def check_run(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
+    check_slurm(argv, multirun)
     shared = "hydra/launcher=shared_teacher" in argv
     check(multirun or not shared, "hydra/launcher=shared_teacher launches a -m sweep; add -m, e.g. python -m "
                                   "fdlight -m drop_path.student=0.1,0.2 hydra/launcher=shared_teacher")
@@ -120,10 +122,32 @@ def check_run(argv: list[str]) -> None:
     except Exception:  # noqa: BLE001 - any other composition error is Hydra's to report, in its own words
         check_stage_sections(argv)
         return
-    check_data_keys(cfg.get("data"), cfg.hydra.runtime.choices.get("data"), args)  # before Hydra makes anything
+    check_config(cfg, cfg.hydra.runtime.choices, args)  # before Hydra makes anything, and before torch loads
     run_dir = OmegaConf.select(cfg, "hydra.run.dir")
     if run_dir:
         check_writable(Path(str(run_dir)))
+
+
+def check_config(cfg: DictConfig, choices, args: list[str]) -> None:
+    """The composed config's own rules that need no torch: the settings' schema, data keys the chosen data= reads,
+    a student.model its student config builds. `choices`: Hydra's group choices; `args`: the overrides."""
+    check_sections(cfg)
+    check_data_keys(cfg.get("data"), choices.get("data"), args)
+    check_student_model(cfg.get("student"), choices.get("student"))
+
+
+SLURM_LAUNCHERS = ("fdlight_slurm", "submitit_slurm")
+
+
+def check_slurm(argv: list[str], multirun: bool) -> None:
+    """A sweep submitted to SLURM from a machine without it: submitit's error is a traceback, after Hydra wrote the
+    sweep's multirun.yaml."""
+    import shutil
+
+    launcher = next((a.partition("=")[2] for a in overrides(argv) if a.startswith("hydra/launcher=")), None)
+    check(not multirun or launcher not in SLURM_LAUNCHERS or shutil.which("srun") is not None,
+          f"hydra/launcher={launcher} submits the jobs to SLURM, and this machine has no SLURM (no srun on the PATH); "
+          f"run the command on a SLURM login node, or drop hydra/launcher= to run the jobs here")
 
 
 def check_sweep_dir(args: list[str]) -> None:
@@ -244,7 +268,7 @@ def _app(cfg: DictConfig) -> float | None:
     guard_log_files()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        check_data_keys(cfg.get("data"), HydraConfig.get().runtime.choices.get("data"), overrides(sys.argv[1:]))
+        check_config(cfg, HydraConfig.get().runtime.choices, overrides(sys.argv[1:]))
         check_sweep_launch(cfg)
         # torch, Lightning and timm load here, once the command line has been checked (its errors come in a second)
         from fdlight.stages import run

@@ -97,6 +97,23 @@ def check_data_keys(data: DictConfig | None, choice: str | None, args=()) -> Non
             raise unread_data_key(choice, key, arg)
 
 
+def check_student_model(student: DictConfig | None, choice: str | None) -> None:
+    """`student.model=convnext_atto` on a student config written for another architecture: its kwargs, init and block
+    class fit the models of the shipped configs that share its block class only (timm's own error is a TypeError
+    deep in the build)."""
+    if student is None or choice not in group_choices("student") or student.get("model") is None:
+        return
+    own = group_config("student", choice)
+    if OmegaConf.is_missing(own, "model") or own.get("block_class") is None or student.model == own.model:
+        return
+    family = sorted({str(c.model) for c in map(lambda n: group_config("student", n), group_choices("student"))
+                     if c.get("block_class") == own.block_class and not OmegaConf.is_missing(c, "model")})
+    check(str(student.model) in family,
+          f"student.model={student.model} is not an architecture student={choice} builds (its kwargs, init and "
+          f"{own.block_class} blocks fit {', '.join(family)}); choose the student config of the architecture you "
+          f"want: student={', student='.join(group_choices('student'))}")
+
+
 def section(cfg: DictConfig, stage: str) -> DictConfig:
     """cfg's `<stage>` section, or the shipped one when cfg was composed for another stage."""
     return cfg[stage] if cfg.get(stage) is not None else stage_defaults(stage)

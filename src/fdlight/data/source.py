@@ -6,7 +6,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fdlight.errors import check
+
 SPLITS = ("train", "val")
+
+
+def data_root(root, where: str) -> Path:
+    """data.root as an existing folder; `where` tells the user where to point it."""
+    root = Path(str(root)).expanduser()
+    check(not root.is_file(), f"data.root={root} is a file, and data.root takes a folder; {where}")
+    check(root.is_dir(), f"data.root={root} does not exist; {where}")
+    return root
 
 
 def data_used(data_cfg: DictConfig, train=None, val=None) -> dict:
