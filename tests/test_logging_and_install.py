@@ -97,15 +97,20 @@ def test_coco_tables_go_to_the_log_file_only(hydra_like_logging):
     assert text.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]") == 2  # bbox, segm
 
 
-def test_hardware_lines_reach_the_console_once_per_process(hydra_like_logging, monkeypatch):
+def test_device_lines_go_to_the_log_file_and_machine_advice_reaches_the_console_once(hydra_like_logging,
+                                                                                     monkeypatch):
+    import lightning as L
+
     stream, log_file = hydra_like_logging
     monkeypatch.setattr(console, "_shown_once", set())  # a new process
+    console.setup()
     console.route_library_logs()
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    for _ in range(3):  # three stages of one pipeline
-        rank_zero.info("GPU available: False, used: False")
-    assert stream.getvalue() == "GPU available: False, used: False\n"
-    assert log_file.read_text().count("GPU available") == 3
+    for _ in range(2):  # two stages of one pipeline
+        L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+        rank_zero.info("You are using a CUDA device ('H100') that has Tensor Cores.")
+    assert stream.getvalue() == "You are using a CUDA device ('H100') that has Tensor Cores.\n"
+    assert log_file.read_text().count("GPU available: False") == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
