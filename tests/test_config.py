@@ -57,3 +57,13 @@ def test_the_key_check_leaves_hydra_flags_and_deliberate_new_keys_alone():
                       (["-m", "distil.epochs=1,2"], "did you mean distill")):
         with pytest.raises(FDLightError, match=hint):
             check_group_overrides(bad)
+
+
+def test_help_lists_each_groups_choices_without_its_bases(tmp_path):
+    from conftest import run_cli
+
+    res = run_cli(["--help"], cwd=tmp_path)
+    groups = res.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    assert res.returncode == 0 and "_base" not in groups, groups
+    listed = dict(line.split(": ", 1) for line in groups.splitlines() if ": " in line)
+    assert {g: c.split(", ") for g, c in listed.items()} == {g: list(group_choices(g)) for g in (*GROUPS, "experiment")}

@@ -38,6 +38,14 @@ def group_choices(group: str) -> tuple[str, ...]:
     return tuple(p.name[:-5] for p in _files(group) if not p.name.startswith("_"))
 
 
+def choices_text() -> str:
+    """Each group and its choices, a line each (the config's --help shows it)."""
+    return "\n".join(f"{group}: {', '.join(group_choices(group))}" for group in sorted(GROUPS))
+
+
+OmegaConf.register_new_resolver("fdlight_choices", choices_text, replace=True)
+
+
 @lru_cache(maxsize=None)
 def primary_keys() -> frozenset[str]:
     """The top-level keys every composed config has (the groups, the stage sections, the primary config's keys):
