@@ -243,7 +243,8 @@ def extra_rows(extra: dict, diagnose_settings: DictConfig) -> list[str]:
 
 
 def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict, extra: dict | None = None) -> str:
-    rows = ["| step | run | val top-1 | val top-5 | FD loss first -> last | img/s | wall (s) |",
+    # img/s: the training steps alone, the run's mean (the progress lines give the same measure per epoch)
+    rows = ["| step | run | val top-1 | val top-5 | FD loss first -> last | train-step img/s | wall (s) |",
             "|---|---|---|---|---|---|---|"]
     for name, m in steps.items():
         loss = f"{m['first_loss']:.4f} -> {m['last_loss']:.4f}" if name == "distill" else "–"
