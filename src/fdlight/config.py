@@ -109,7 +109,8 @@ def check_student_model(student: DictConfig | None, choice: str | None) -> None:
     """`student.model=convnext_atto` on a student config written for another architecture: its kwargs, init and block
     class fit the models of the shipped configs that share its block class only (timm's own error is a TypeError
     deep in the build)."""
-    if student is None or choice not in group_choices("student") or student.get("model") is None:
+    if student is None or choice not in group_choices("student") or OmegaConf.is_missing(student, "model") \
+            or student.get("model") is None:
         return
     own = group_config("student", choice)
     if OmegaConf.is_missing(own, "model") or own.get("block_class") is None or student.model == own.model:
