@@ -141,8 +141,8 @@ class TrainingStage(Stage):
 
     def record(self, cfg: DictConfig, built: Training) -> dict:
         """metrics.json's leading entries: the stage, the data it read (fdlight.data.source) and describe's."""
-        return {"stage": self.name, **data_used(cfg.data, built.data.train_set, built.data.val_set),
-                **self.describe(cfg, built)}
+        splits = (getattr(built.data, "train_set", None), getattr(built.data, "val_set", None))  # null: not counted
+        return {"stage": self.name, **data_used(cfg.data, *splits), **self.describe(cfg, built)}
 
     def export(self, cfg: DictConfig, run_dir: Path, built: Training, state: dict) -> list[Path]:
         """Write the trained weights (rank 0 only); the paths written."""
