@@ -28,7 +28,10 @@ def data_used(data_cfg: DictConfig, train=None, val=None) -> dict:
 
 
 def _count(split) -> int | None:
-    return split if split is None or isinstance(split, int) else len(split)
+    """A count, a sized dataset's length, or null (no split, or a stream of unknown length)."""
+    if split is None or isinstance(split, int):
+        return split
+    return len(split) if hasattr(split, "__len__") else None
 
 
 def data_text(metrics: dict) -> str:
