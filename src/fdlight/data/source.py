@@ -38,4 +38,4 @@ def data_text(metrics: dict) -> str:
     """The closing line's words for data_used's entries, e.g. `data=imagenet /photos: 48 train + 16 val images`."""
     where = f" {metrics['data_root']}" if metrics.get("data_root") else ""
     counts = " + ".join(f"{metrics[f'{s}_images']} {s}" for s in SPLITS if metrics.get(f"{s}_images") is not None)
-    return f"data={metrics['data']}{where}: {counts or 'no'} images"
+    return f"data={metrics['data']}{where}" + (f": {counts} images" if counts else " (a stream: images not counted)")
