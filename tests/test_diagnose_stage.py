@@ -91,7 +91,9 @@ def test_json_holds_every_number_per_checkpoint(diagnosed):
         assert s["sharpness"] == pytest.approx(0.5 * (ls["curve"][0] + ls["curve"][-1]) - ls["origin"])
         assert r["num_images"] == 8
     assert metrics["checkpoints"]["fd"] == ck["fd"]["summary"]
-    assert json.loads((out / "metrics.json").read_text())["stage"] == "diagnose"
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["stage"] == "diagnose" and (saved["data"], saved["train_images"], saved["val_images"]) == \
+        ("synthetic", None, 8)
 
 
 def test_landscapes_of_different_losses_never_share_an_axis(diagnosed):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -144,10 +145,15 @@ def test_empty_data_root_says_how_to_arrange_it(tmp_path):
     assert "has no class folders" in line and "train/<class>/<image>" in line
 
 
-def test_unreadable_images_are_skipped_and_counted(tmp_path):
+def test_unreadable_images_are_skipped_and_counted(tmp_path, caplog):
     write_imagefolder(tmp_path / "imagenet", per_class=24, corrupt=3)
-    metrics = run_stage(["data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=0",
-                         "distill.batch_size=17", "distill.epochs=1"], tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="fdlight"):
+        metrics = run_stage(["data=imagenet", f"data.root={tmp_path / 'imagenet'}", "data.num_workers=0",
+                             "distill.batch_size=17", "distill.epochs=1"], tmp_path / "run")
+    closing = caplog.records[-1].getMessage()  # the data it read, named
+    assert f"; data=imagenet {tmp_path / 'imagenet'}: 51 train images; artifacts in " in closing, closing
+    assert (metrics["data"], metrics["data_root"], metrics["train_images"]) == ("imagenet", str(tmp_path / "imagenet"),
+                                                                                51)
     assert metrics["steps"] == (48 + 3) // 17
     assert metrics["skipped_images"] == 3
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_images"] == 3

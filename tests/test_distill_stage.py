@@ -40,9 +40,30 @@ def test_run_writes_its_artifacts_and_the_loss_falls(distilled):
     assert saved["steps"] == 3 * (128 // 16) == metrics["steps"]
     assert saved["last_loss"] < saved["first_loss"]
     assert saved["img_per_s"] > 0
+    assert (saved["data"], saved["data_root"], saved["train_images"], saved["val_images"]) == ("synthetic", None, 128,
+                                                                                               None)
     assert list((run_dir / "logs").glob("version_*/metrics.csv"))
     modes = {name: (run_dir / name).stat().st_mode & 0o777 for name in ("student.safetensors", "config.yaml")}
     assert modes["student.safetensors"] == modes["config.yaml"]  # as readable as every other output
+
+
+def test_the_runs_img_per_s_and_each_epochs_measure_the_same_steps(tmp_path):
+    """metrics.json's img/s (the results table's) is the mean over the run's training steps, the progress lines' the
+    mean over their epoch's: the run's rate is the epochs' rates weighted by their timed images."""
+    from fdlight.stages.distill import STAGE
+
+    class Epochs(Callback):
+        rates: list[float] = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.rates.append(float(trainer.progress_bar_metrics["train/img_per_s"]))
+
+    seen = Epochs()
+    metrics = STAGE.run(compose([*TINY, "data.num_train=64", "distill.batch_size=16", "distill.epochs=2"]),
+                        tmp_path / "run", callbacks=[seen])
+    timed = (3 * 16, 4 * 16)  # 4 steps an epoch; the run's first step is warm-up, left out
+    seconds = sum(images / rate for images, rate in zip(timed, seen.rates, strict=True))
+    assert metrics["img_per_s"] == pytest.approx(sum(timed) / seconds, rel=1e-5)
 
 
 def test_a_run_too_short_to_time_writes_strict_json(tmp_path):

@@ -167,6 +167,8 @@ def test_imagefolder_jpegs_give_the_class_count_and_top1_only_under_five_classes
                          f"finetune.pretrained={student_file}", "finetune.batch_size=4", "finetune.epochs=1"],
                         tmp_path / "run")
     assert metrics["num_classes"] == 3 and "val/top1" in metrics and "val/top5" not in metrics
+    assert (metrics["data"], metrics["data_root"], metrics["train_images"], metrics["val_images"]) == \
+        ("imagenet", str(folders), 24, 12)
     assert read_export_metadata(tmp_path / "run" / "model.safetensors")["timm_kwargs"]["num_classes"] == 3
 
 

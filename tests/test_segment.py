@@ -203,6 +203,7 @@ def test_stage_runs_on_the_ade20k_layout_with_whole_image_evaluation(tmp_path):
     metrics = run_stage([*STEP, "data=ade20k", f"data.root={tmp_path / 'data'}", "data.num_workers=0",
                          "segment.eval_mode=whole", "segment.crop_size=32"], tmp_path / "run")
     assert metrics["num_classes"] == 150 and metrics["data"] == "ade20k" and 0 <= metrics["val/mIoU"] <= 1
+    assert (metrics["data_root"], metrics["train_images"], metrics["val_images"]) == (str(tmp_path / "data"), 4, 2)
 
 
 def test_batch_norm_with_one_image_per_device_is_refused_and_group_norm_runs(tmp_path):

@@ -4,24 +4,20 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
-import os
 import sys
 from pathlib import Path
 
-# OpenMP threads that spin while they wait (libgomp's default) slowed the CPU step 3x on a machine shared with other
-# jobs; read when torch loads, so it is set before anything imports it (an exported value wins)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-
-from fdlight import console  # noqa: E402
-from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error  # noqa: E402
-from fdlight.config import (  # noqa: E402
-    GROUPS, compose, expand_teacher_list, group_choices, primary_keys, top_level_keys)
-from fdlight.errors import FDLightError, check  # noqa: E402
-from fdlight.runs.directory import check_writable  # noqa: E402
+from fdlight import console
+from fdlight.artifacts import FULL_OR_READ_ONLY, disk_error
+from fdlight.config import (GROUPS, check_data_keys, check_student_model, compose, expand_teacher_list,
+                            group_choices, primary_keys, top_level_keys, unread_data_key)
+from fdlight.errors import FDLightError, check
+from fdlight.runs.directory import check_writable
+from fdlight.settings import check_sections
 
 # Hydra's flags that take the next argument as their value, and those that point it at a user's own config
 # (whose keys fdlight cannot know).
@@ -105,6 +101,7 @@ def check_run(argv: list[str]) -> None:
     from omegaconf import OmegaConf
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
+    check_slurm(argv, multirun)
     shared = "hydra/launcher=shared_teacher" in argv
     check(multirun or not shared, "hydra/launcher=shared_teacher launches a -m sweep; add -m, e.g. python -m "
                                   "fdlight -m drop_path.student=0.1,0.2 hydra/launcher=shared_teacher")
@@ -125,9 +122,32 @@ def check_run(argv: list[str]) -> None:
     except Exception:  # noqa: BLE001 - any other composition error is Hydra's to report, in its own words
         check_stage_sections(argv)
         return
+    check_config(cfg, cfg.hydra.runtime.choices, args)  # before Hydra makes anything, and before torch loads
     run_dir = OmegaConf.select(cfg, "hydra.run.dir")
     if run_dir:
         check_writable(Path(str(run_dir)))
+
+
+def check_config(cfg: DictConfig, choices, args: list[str]) -> None:
+    """The composed config's own rules that need no torch: the settings' schema, data keys the chosen data= reads,
+    a student.model its student config builds. `choices`: Hydra's group choices; `args`: the overrides."""
+    check_sections(cfg)
+    check_data_keys(cfg.get("data"), choices.get("data"), args)
+    check_student_model(cfg.get("student"), choices.get("student"))
+
+
+SLURM_LAUNCHERS = ("fdlight_slurm", "submitit_slurm")
+
+
+def check_slurm(argv: list[str], multirun: bool) -> None:
+    """A sweep submitted to SLURM from a machine without it: submitit's error is a traceback, after Hydra wrote the
+    sweep's multirun.yaml."""
+    import shutil
+
+    launcher = next((a.partition("=")[2] for a in overrides(argv) if a.startswith("hydra/launcher=")), None)
+    check(not multirun or launcher not in SLURM_LAUNCHERS or shutil.which("srun") is not None,
+          f"hydra/launcher={launcher} submits the jobs to SLURM, and this machine has no SLURM (no srun on the PATH); "
+          f"run the command on a SLURM login node, or drop hydra/launcher= to run the jobs here")
 
 
 def check_sweep_dir(args: list[str]) -> None:
@@ -162,9 +182,12 @@ def unknown_setting(error: Exception, args: list[str]) -> FDLightError | None:
     arg = next((a for a in args if a.partition("=")[0].lstrip("+~") == full_key), full_key)
     parent, _, leaf = full_key.rpartition(".")
     try:
-        node = OmegaConf.select(compose([a for a in args if a != arg], with_hydra=True), parent) if parent else None
+        rest = compose([a for a in args if a != arg], with_hydra=True)
+        node = OmegaConf.select(rest, parent) if parent else None
     except Exception:  # noqa: BLE001 - the names are only a hint
-        node = None
+        rest = node = None
+    if parent == "data" and rest is not None and rest.hydra.runtime.choices.get("data") in group_choices("data"):
+        return unread_data_key(rest.hydra.runtime.choices.data, leaf, arg)
     known = sorted(str(k) for k in node) if OmegaConf.is_dict(node) else []
     close = difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
     hint = f"did you mean {parent}.{close[0]}?" if close else \
@@ -242,13 +265,14 @@ def fail(run_dir: Path, error: FDLightError) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://fdlight.conf", config_name="config")
 def _app(cfg: DictConfig) -> float | None:
-    # torch, Lightning and timm load here, once the command line has been checked (its errors come in a second)
-    from fdlight.stages import run
-
     guard_log_files()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        check_config(cfg, HydraConfig.get().runtime.choices, overrides(sys.argv[1:]))
         check_sweep_launch(cfg)
+        # torch, Lightning and timm load here, once the command line has been checked (its errors come in a second)
+        from fdlight.stages import run
+
         with console.job():
             metrics = run(cfg, run_dir)
     except FDLightError as e:

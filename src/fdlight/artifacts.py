@@ -132,7 +132,24 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadat
 
     with atomic_file(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        sort_metadata(tmp)
     return Path(path)
+
+
+def sort_metadata(path: Path) -> None:
+    """safetensors writes its metadata in hash order, another byte order in every process: sorted here, so one
+    content gives one file. In place: the header keeps its length (padded with spaces, as the format allows)."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        meta = header.pop("__metadata__", None)
+        if not meta:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                          ensure_ascii=False).encode()
+        if len(text) <= size:  # always: the same strings with the same escapes
+            f.seek(8)
+            f.write(text.ljust(size, b" "))
 
 
 class _WriteAll(io.RawIOBase):

@@ -38,6 +38,14 @@ def group_choices(group: str) -> tuple[str, ...]:
     return tuple(p.name[:-5] for p in _files(group) if not p.name.startswith("_"))
 
 
+def choices_text() -> str:
+    """Each group and its choices, a line each (the config's --help shows it)."""
+    return "\n".join(f"{group}: {', '.join(group_choices(group))}" for group in sorted(GROUPS))
+
+
+OmegaConf.register_new_resolver("fdlight_choices", choices_text, replace=True)
+
+
 @lru_cache(maxsize=None)
 def primary_keys() -> frozenset[str]:
     """The top-level keys every composed config has (the groups, the stage sections, the primary config's keys):
@@ -68,6 +76,51 @@ def group_config(group: str, choice: str) -> DictConfig:
     choices = group_choices(group)
     check(choice in choices, f"unknown {group} {choice!r}; choose one of: {', '.join(choices)}")
     return compose([f"{group}={choice}"])[group]
+
+
+@lru_cache(maxsize=None)
+def data_keys(choice: str) -> tuple[str, ...]:
+    """The settings data=<choice> declares: a data config lists exactly the keys its source reads."""
+    return tuple(sorted(str(k) for k in group_config("data", choice)))
+
+
+def unread_data_key(choice: str, key: str, arg: str | None = None) -> FDLightError:
+    """`data.root=...` with a data= that reads no data.root (data=synthetic generates its images) would train on
+    other data than the user meant: one line naming the sources that read the key."""
+    readers = [c for c in group_choices("data") if key in data_keys(c)]
+    hint = f"data.{key} is read by data={', data='.join(readers)}: choose one of those" if readers else \
+        f"data={choice} has: {', '.join(data_keys(choice))}"
+    given = f" ({arg!r})" if arg else " (set by the chosen experiment=)"
+    return FDLightError(f"data={choice} does not read data.{key}{given}, so it would be ignored; {hint}")
+
+
+def check_data_keys(data: DictConfig | None, choice: str | None, args=()) -> None:
+    """Every key of the composed `data` is one the chosen data config declares (a shipped choice: a user's own config
+    directory declares its own); `args`, the command line's overrides, name the one that set it."""
+    if data is None or choice not in group_choices("data"):
+        return
+    for key in map(str, data):
+        if key not in data_keys(choice):
+            arg = next((a for a in args if a.partition("=")[0].lstrip("+~") == f"data.{key}"), None)
+            raise unread_data_key(choice, key, arg)
+
+
+def check_student_model(student: DictConfig | None, choice: str | None) -> None:
+    """`student.model=convnext_atto` on a student config written for another architecture: its kwargs, init and block
+    class fit the models of the shipped configs that share its block class only (timm's own error is a TypeError
+    deep in the build)."""
+    if student is None or choice not in group_choices("student") or OmegaConf.is_missing(student, "model") \
+            or student.get("model") is None:
+        return
+    own = group_config("student", choice)
+    if OmegaConf.is_missing(own, "model") or own.get("block_class") is None or student.model == own.model:
+        return
+    family = sorted({str(c.model) for c in map(lambda n: group_config("student", n), group_choices("student"))
+                     if c.get("block_class") == own.block_class and not OmegaConf.is_missing(c, "model")})
+    check(str(student.model) in family,
+          f"student.model={student.model} is not an architecture student={choice} builds (its kwargs, init and "
+          f"{own.block_class} blocks fit {', '.join(family)}); choose the student config of the architecture you "
+          f"want: student={', student='.join(group_choices('student'))}")
 
 
 def section(cfg: DictConfig, stage: str) -> DictConfig:

@@ -3,7 +3,8 @@ action. The run's log file (fdlight.log) keeps everything the libraries log.
 
 `setup()` runs once per process, before Hydra composes anything: warning filters and Lightning's litlogger notice.
 `job()` wraps each Hydra job (Hydra configures its log handlers per job): Lightning's loggers go through Hydra's
-handlers, library chatter goes to the log file only, hardware lines reach the console once per process, and a W&B run
+handlers, library chatter and Lightning's device lines go to the log file only, advice about the machine reaches the console
+once per process, and a W&B run
 is closed before the process exits (at interpreter exit W&B writes raw colour codes into redirected output)."""
 from __future__ import annotations
 
@@ -37,9 +38,11 @@ FILE_ONLY_MESSAGES = (
     "`Trainer.fit` stopped:",
     "Restoring states from the checkpoint path at",
     "Restored all states from the checkpoint at",
+    # the devices as Lightning sees them, at every Trainer: nothing to act on (the log file keeps them)
+    "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:",
 )
-# Lines about the machine, the same for every stage of a process (the pipeline runs several): console once.
-ONCE_PER_PROCESS = ("GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:", "You are using a CUDA device")
+# Advice about the machine, the same for every stage of a process (the pipeline runs several): console once.
+ONCE_PER_PROCESS = ("You are using a CUDA device",)
 _shown_once: set[str] = set()
 
 

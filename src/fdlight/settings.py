@@ -93,20 +93,29 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
 }
 
 
-def check_section(stage: str, section: DictConfig | None) -> None:
-    """Check every setting of `<stage>.*` that the schema knows (the common ones and the stage's own)."""
+# The data settings several sources share (each source's config lists the keys it reads: fdlight.config).
+DATA = {"num_workers": count(0, optional=True, hint="null: the cores this process may use, at most 8")}
+
+
+def check_rules(name: str, section: DictConfig | None, rules: dict[str, Rule]) -> None:
+    """Check every setting of `<name>.*` that `rules` knows."""
     if not isinstance(section, DictConfig):
         return
-    rules = {**COMMON, **SCHEMAS.get(stage, {})}
     for key, rule in rules.items():
         if key not in section:
             continue
         value = section.get(key)
         if isinstance(value, (ListConfig, DictConfig)) or not rule.accepts(value):
-            raise FDLightError(f"{stage}.{key}={value!r} must be {rule.describe()}")
+            raise FDLightError(f"{name}.{key}={value!r} must be {rule.describe()}")
+
+
+def check_section(stage: str, section: DictConfig | None) -> None:
+    """Check every setting of `<stage>.*` that the schema knows (the common ones and the stage's own)."""
+    check_rules(stage, section, {**COMMON, **SCHEMAS.get(stage, {})})
 
 
 def check_sections(cfg: DictConfig) -> None:
-    """check_section for every stage section the config holds (a pipeline holds several)."""
+    """check_section for every stage section the config holds (a pipeline holds several), and the data settings."""
     for stage in (*SCHEMAS, "diagnose", "pipeline"):
         check_section(stage, cfg.get(stage))
+    check_rules("data", cfg.get("data"), DATA)

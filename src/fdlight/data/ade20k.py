@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from fdlight.data.annotations import IGNORE, name_some, reduce_zero_label
+from fdlight.data.source import data_root
 from fdlight.errors import FDLightError, check
 
 RELEASE = "ADEChallengeData2016"
@@ -16,8 +17,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 def ade20k_root(root) -> Path:
     """data.root may be ADEChallengeData2016 itself or the folder that holds it."""
-    root = Path(str(root)).expanduser()
-    check(root.is_dir(), f"data.root={root} does not exist; point it at {RELEASE}/ (or its parent)")
+    root = data_root(root, f"point it at {RELEASE}/ (or its parent)")
     if not (root / "images").exists() and (root / RELEASE).is_dir():
         root = root / RELEASE
     for sub in ("images", "annotations"):

@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader
 
 from fdlight.data.decode import check_decode, train_decoding
 from fdlight.data.folders import SafeImageFolder, class_folder
-from fdlight.data.seeded import check_fits_a_batch, training_loader
+from fdlight.data.seeded import check_fits_a_batch, loader_workers, training_loader
 from fdlight.data.shards import ShardedImages, split_folder
 from fdlight.data.synthetic import SyntheticClassification, synthetic_splits
 from fdlight.errors import FDLightError, check
@@ -87,7 +87,7 @@ class ClassificationData(L.LightningDataModule):
             from fdlight.data.gpu import GPUDecoding, collate_encoded
 
             self.gpu_decoding, collate = GPUDecoding(self.train_transform), collate_encoded
-        return training_loader(self.train_set, self.batch_size, self.seed, int(self.cfg.num_workers), self.trainer,
+        return training_loader(self.train_set, self.batch_size, self.seed, loader_workers(self.cfg.num_workers), self.trainer,
                                collate_fn=collate, pin_memory=torch.cuda.is_available())
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
@@ -98,6 +98,6 @@ class ClassificationData(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
             return []
-        workers = int(self.cfg.num_workers)
+        workers = loader_workers(self.cfg.num_workers)
         return DataLoader(self.val_set, batch_size=self.batch_size, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)

@@ -13,13 +13,12 @@ import torch
 from PIL import Image
 
 from fdlight.data.annotations import name_some
+from fdlight.data.source import data_root
 from fdlight.errors import FDLightError, check
 
 
 def coco_paths(root, split: str) -> tuple[Path, Path]:
-    root = Path(str(root)).expanduser()
-    check(root.is_dir(), f"data.root={root} does not exist; point it at the COCO folder holding train2017/, "
-                         f"val2017/ and annotations/")
+    root = data_root(root, "point it at the COCO folder holding train2017/, val2017/ and annotations/")
     images, ann = root / f"{split}2017", root / "annotations" / f"instances_{split}2017.json"
     check((root / "annotations").is_dir(), f"data.root={root} has no annotations/ folder; COCO is laid out as "
                                            f"train2017/, val2017/ and annotations/instances_{{train,val}}2017.json")

@@ -18,7 +18,7 @@ from torchvision.transforms import functional as TF
 from fdlight.data.ade20k import ADE20K
 from fdlight.data.annotations import IGNORE, reduce_zero_label
 from fdlight.data.coco import CocoDetection
-from fdlight.data.seeded import check_fits_a_batch, training_loader
+from fdlight.data.seeded import check_fits_a_batch, loader_workers, training_loader
 from fdlight.data.synthetic import make_scene, synthetic_splits
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
@@ -198,11 +198,11 @@ class _DenseData(L.LightningDataModule):
         raise NotImplementedError
 
     def _train_loader(self, collate=None) -> DataLoader:
-        return training_loader(self.train_set, self.batch_size, self.seed, int(self.cfg.num_workers), self.trainer,
+        return training_loader(self.train_set, self.batch_size, self.seed, loader_workers(self.cfg.num_workers), self.trainer,
                                collate_fn=collate, pin_memory=torch.cuda.is_available())
 
     def _eval_loader(self) -> DataLoader:
-        workers = int(self.cfg.num_workers)
+        workers = loader_workers(self.cfg.num_workers)
         return DataLoader(self.val_set, batch_size=self.eval_batch_size, num_workers=workers,
                           pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
                           collate_fn=collate_lists)

@@ -10,6 +10,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from fdlight.data.decode import as_rgb
+from fdlight.data.source import data_root
 from fdlight.errors import FDLightError, Unreadable, check
 
 log = logging.getLogger(__name__)
@@ -17,16 +18,25 @@ log = logging.getLogger(__name__)
 
 def class_folder(root: str | Path, split: str) -> Path:
     """root/split as an ImageFolder: it must exist and hold one sub-folder per class with images in them."""
-    root = Path(str(root)).expanduser()
-    check(root.is_dir(), f"data.root={root} does not exist; point data.root at a folder holding {split}/<class>/<image>")
+    root = data_root(root, f"point data.root at a folder holding {split}/<class>/<image>")
     path = root / split
     check(path.is_dir(), f"data.root={root} has no {split}/ folder; arrange it as {root}/{split}/<class>/<image>")
     classes = [d for d in path.iterdir() if d.is_dir()]
     if not classes:
-        loose = any(f.suffix.lower() in IMG_EXTENSIONS for f in path.iterdir())
+        loose = any(is_image(f) for f in path.iterdir())
         hint = " (its images lie loose: move each into a folder named after its class)" if loose else ""
         raise FDLightError(f"{path} has no class folders{hint}; arrange it as {path}/<class>/<image>")
+    empty = [d for d in sorted(classes) if not any(is_image(f) for f in d.iterdir())]  # stops at each first image
+    if empty:
+        more = f" (and {len(empty) - 1} other class folders)" if len(empty) > 1 else ""
+        raise FDLightError(f"class folder {empty[0]} holds no images{more}; put its images ("
+                           f"{', '.join(IMG_EXTENSIONS)}) in it, or remove it")
     return path
+
+
+def is_image(path: Path) -> bool:
+    """A file ImageFolder reads (by its extension)."""
+    return path.suffix.lower() in IMG_EXTENSIONS and path.is_file()
 
 
 class SkipsUnreadable:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import random
 
 import numpy as np
@@ -147,6 +148,18 @@ def training_loader(dataset, batch_size: int, seed: int, num_workers: int, train
     return DeferredLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=True,
                           num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                           collate_fn=collate_fn)
+
+
+MAX_WORKERS = 8  # the release recipes' loader workers per training process
+
+
+def loader_workers(setting) -> int:
+    """data.num_workers, or for null the cores this process may use, at most MAX_WORKERS: more workers than cores
+    only compete with training (and PyTorch warns for each loader)."""
+    if setting is not None:
+        return int(setting)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MAX_WORKERS, cores)
 
 
 def check_fits_a_batch(dataset, batch_size: int) -> None:

@@ -25,6 +25,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 
 from fdlight.artifacts import atomic_file, write_json
 from fdlight.data.folders import SkipsUnreadable, class_folder
+from fdlight.data.source import data_root
 from fdlight.errors import FDLightError, Unreadable, check
 
 INDEX = "index.json"
@@ -33,9 +34,7 @@ FORMAT = 1
 
 def split_folder(root, split: str) -> Path:
     """root/split as a shard set: it must hold the index the writer leaves."""
-    root = Path(str(root)).expanduser()
-    check(root.is_dir(), f"data.root={root} does not exist; point data.root at the folder `python -m "
-                         f"fdlight.data.shards IN OUT` wrote (OUT)")
+    root = data_root(root, "point data.root at the folder `python -m fdlight.data.shards IN OUT` wrote (OUT)")
     path = root / split
     check((path / INDEX).is_file(), f"data.root={root} has no {split}/{INDEX}; write the shards with `python -m "
                                     f"fdlight.data.shards <imagefolder> {root}`")

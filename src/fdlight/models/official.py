@@ -19,6 +19,7 @@ from __future__ import annotations
 import pickle
 import re
 import types
+import warnings
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -129,12 +130,17 @@ INERT_PICKLE.load = lambda f, **kw: InertUnpickler(f, **kw).load()
 
 def load_torch_file(path: str | Path, mmap: bool = False):
     """torch.load with weights only; a checkpoint that also pickles objects (the official release saves its yacs
-    config beside the weights) is read again with those objects replaced by inert dicts."""
+    config beside the weights) is read again with those objects replaced by inert dicts. Any other file fails in
+    fdlight's words: torch's advice to load it with weights_only=False does not apply (fdlight never runs a pickle)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # the protocol notice of an old pickle says nothing the user can act on
+            warnings.filterwarnings("ignore", message=".*pickle protocol.*")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "global" not in str(e).lower():
-            raise
+            reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+            why = reason.group(1) if reason else "its pickle holds other objects"
+            raise pickle.UnpicklingError(f"not a checkpoint of tensors ({why})") from None
         return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap, pickle_module=INERT_PICKLE)
 
 

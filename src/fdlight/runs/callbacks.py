@@ -143,14 +143,16 @@ class ResumeNote(Callback):
 
 
 class Throughput(Callback):
-    """Images per second of the training step (forward, backward, update; the batch is already loaded when
-    on_train_batch_start runs) over all processes, logged and averaged for the end. Under DDP or FSDP every process
-    steps in lockstep, so it is one process's rate times the number of processes. On a GPU each step is timed by
-    CUDA events that are read every `log_every_n_steps` steps, when the logger reads the device anyway: timing
-    never makes the host wait for the device at every step."""
+    """Images per second of the training steps (forward, backward, update; the batch is already loaded when
+    on_train_batch_start runs) over all processes, the first two steps left out (warm-up). One measure, two spans:
+    the logged `train/img_per_s` (progress lines, CSV log) is the mean over the epoch's steps so far, `img_per_s` the
+    mean over the run's. Under DDP or FSDP every process steps in lockstep, so it is one process's rate times the
+    number of processes. On a GPU each step is timed by CUDA events that are read every `log_every_n_steps` steps,
+    when the logger reads the device anyway: timing never makes the host wait for the device at every step."""
 
     def __init__(self):
         self.images, self.seconds, self._t = 0, 0.0, None
+        self._epoch = [0, 0.0, -1]  # images, seconds and epoch of the current epoch's counted steps
         self._start = None
         self._unread: list[tuple] = []  # (start event, end event, images, counted) of steps timed on the GPU
 
@@ -173,29 +175,37 @@ class Throughput(Callback):
                 return
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self._unread.append((self._start, end, n, counted))
+            self._unread.append((self._start, end, n, counted, trainer.current_epoch))
             if trainer.global_step % max(int(trainer.log_every_n_steps), 1) == 0:
-                images, seconds = self._read()
-                module.log("train/img_per_s", images / max(seconds, 1e-9), prog_bar=True)
+                self._log(module, *self._read())
             return
         if self._t is None:
             return
         dt = time.perf_counter() - self._t
+        self._add(n, dt, counted, trainer.current_epoch)
+        self._log(module, n, dt)
+
+    def _add(self, n: int, dt: float, counted: bool, epoch: int) -> None:
+        if self._epoch[2] != epoch:
+            self._epoch = [0, 0.0, epoch]
         if counted:
-            self.images += n
-            self.seconds += dt
-        module.log("train/img_per_s", n / max(dt, 1e-9), prog_bar=True)
+            self.images, self.seconds = self.images + n, self.seconds + dt
+            self._epoch[0], self._epoch[1] = self._epoch[0] + n, self._epoch[1] + dt
+
+    def _log(self, module, images: int, seconds: float) -> None:
+        """The epoch's mean so far; the given steps' own rate before any step of the epoch counts (warm-up)."""
+        if self._epoch[1] > 0:
+            images, seconds = self._epoch[0], self._epoch[1]
+        module.log("train/img_per_s", images / max(seconds, 1e-9), prog_bar=True)
 
     def _read(self) -> tuple[int, float]:
         """Add up the steps timed on the GPU since the last read (waits for the last of them only)."""
         images = seconds = 0
-        for start, end, n, counted in self._unread:
+        for start, end, n, counted, epoch in self._unread:
             end.synchronize()
             dt = start.elapsed_time(end) / 1e3
             images, seconds = images + n, seconds + dt
-            if counted:
-                self.images += n
-                self.seconds += dt
+            self._add(n, dt, counted, epoch)
         self._unread = []
         return images, seconds
 

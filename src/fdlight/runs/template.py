@@ -20,6 +20,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from fdlight.artifacts import write_json
+from fdlight.data.source import data_text, data_used
 from fdlight.errors import FDLightError
 from fdlight.runs.callbacks import Throughput
 from fdlight.runs.directory import Claim, claim, discard_new, is_secondary_rank, save_config
@@ -108,7 +109,8 @@ class Stage:
         write_json(run_dir / "metrics.json", metrics)
         names = ", ".join(str(p.relative_to(run_dir)) if p.is_relative_to(run_dir) else str(p)
                           for p in artifacts if p is not None)
-        log.info("%s; artifacts in %s: %s", self.summary(metrics), run_dir, names + (", " if names else "")
+        data = f"; {data_text(metrics)}" if "data" in metrics else ""
+        log.info("%s%s; artifacts in %s: %s", self.summary(metrics), data, run_dir, names + (", " if names else "")
                  + "metrics.json")
 
 
@@ -137,6 +139,11 @@ class TrainingStage(Stage):
         """The stage's own leading entries of metrics.json (what was trained on what)."""
         return {}
 
+    def record(self, cfg: DictConfig, built: Training) -> dict:
+        """metrics.json's leading entries: the stage, the data it read (fdlight.data.source) and describe's."""
+        splits = (getattr(built.data, "train_set", None), getattr(built.data, "val_set", None))  # null: not counted
+        return {"stage": self.name, **data_used(cfg.data, *splits), **self.describe(cfg, built)}
+
     def export(self, cfg: DictConfig, run_dir: Path, built: Training, state: dict) -> list[Path]:
         """Write the trained weights (rank 0 only); the paths written."""
         return []
@@ -159,7 +166,7 @@ class TrainingStage(Stage):
             raise worker_error(e) from None
         wall = time.perf_counter() - start
         module = built.module
-        metrics = {"stage": self.name, **self.describe(cfg, built), **val, "first_loss": module.first_loss,
+        metrics = {**self.record(cfg, built), **val, "first_loss": module.first_loss,
                    "last_loss": module.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
                    "wall_s": wall}
         state = trained_state_dict(trainer, module, self.weights_prefix) if self.weights_prefix else {}

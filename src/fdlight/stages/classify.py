@@ -9,7 +9,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.data.classification import ClassificationData, check_root
-from fdlight.errors import check
+from fdlight.errors import FDLightError, check
 from fdlight.models.weights import check_readable_weights, check_weights_file
 from fdlight.runs.template import Training, TrainingStage, percent
 
@@ -22,8 +22,9 @@ def classification_data(cfg: DictConfig, batch_size: int) -> ClassificationData:
     data.setup()
     found = len(data.train_set.classes)
     declared = d.get("num_classes")
-    check(declared in (None, found), f"data.num_classes={declared} but {d.root}/train has {found} class folders; "
-                                     f"set data.num_classes=null to take the count from the folders")
+    if declared not in (None, found):  # a folder's count (the embedded data makes the classes it declares)
+        raise FDLightError(f"data.num_classes={declared} but {d.root}/train has {found} class folders; set "
+                           f"data.num_classes=null to take the count from the folders")
     return data
 
 

@@ -64,7 +64,7 @@ class DenseStage(TrainingStage):
     def describe(self, cfg: DictConfig, built: Training) -> dict:
         s = cfg[self.name]
         return {"backbone": built.extra["arch"].timm_model, "pretrained": str(s.pretrained or "") or None,
-                "data": cfg.data.name, "num_classes": built.data.num_classes}
+                "num_classes": built.data.num_classes}
 
     def save(self, cfg: DictConfig, run_dir: Path, built: Training, state: dict, **extra) -> Path:
         e, path = built.extra, run_dir / "model.safetensors"

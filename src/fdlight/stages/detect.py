@@ -81,7 +81,7 @@ class Detect(DenseStage):
 
     def summary(self, metrics: dict) -> str:
         pct = {k: percent(metrics.get(f"val/{k}_mAP")) for k in ("bbox", "segm")}
-        return f"detection on {metrics['data']}: box mAP {pct['bbox']}, mask mAP {pct['segm']} after " \
+        return f"detection: box mAP {pct['bbox']}, mask mAP {pct['segm']} after " \
                f"{metrics['steps']} steps ({metrics['wall_s']:.0f} s)"
 
 

@@ -28,6 +28,7 @@ from fdlight.diagnostics.loading import Subject, build_fd_module, default_name, 
 from fdlight.errors import FDLightError, check
 from fdlight.artifacts import save_figure, save_safetensors, write_json
 from fdlight.config import compose, section
+from fdlight.data.source import data_used
 from fdlight.console import finish_wandb
 from fdlight.diagnostics import plots
 from fdlight.runs.directory import Claim, save_config
@@ -332,8 +333,9 @@ class Diagnose(Stage):
         pngs = [p for p in written if p.suffix == ".png"]
         if cfg.logger.name == "wandb":
             log_to_wandb(cfg, run_dir, pngs, summaries)
-        metrics = {"stage": "diagnose", "checkpoints": summaries, "wall_s": time.perf_counter() - start,
-                   "plots": [p.name for p in pngs]}
+        images = max(r.data["num_images"] for r in results.values())  # one evaluation subset for every checkpoint
+        metrics = {"stage": "diagnose", **data_used(cfg.data, val=images), "checkpoints": summaries,
+                   "wall_s": time.perf_counter() - start, "plots": [p.name for p in pngs]}
         self.finish(run_dir, metrics, written)
         return metrics
 

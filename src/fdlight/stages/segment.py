@@ -78,7 +78,7 @@ class Segment(DenseStage):
                 plot_segmentation(built.module, built.data.val_set, run_dir / "predictions.png", cfg.segment.num_vis)]
 
     def summary(self, metrics: dict) -> str:
-        return f"segmentation on {metrics['data']}: mIoU {percent(metrics.get('val/mIoU'))} after " \
+        return f"segmentation: mIoU {percent(metrics.get('val/mIoU'))} after " \
                f"{metrics['steps']} steps ({metrics['wall_s']:.0f} s)"
 
 

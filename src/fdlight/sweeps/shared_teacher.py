@@ -272,7 +272,7 @@ def train(jobs: list[Job], claims: list[Claim]) -> list[dict]:
         state = full_state_dict(fd, "", sharded=False)
         if not fd.single:
             built.extra["heads"] = {n: v for n, v in state.items() if not n.startswith("student.")}
-        metrics = {"stage": "distill", **DISTILL.describe(job.cfg, built), "first_loss": fd.first_loss,
+        metrics = {**DISTILL.record(job.cfg, built), "first_loss": fd.first_loss,
                    "last_loss": fd.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
                    "wall_s": wall, "shared_teacher": {"job": k, "jobs": len(jobs)}}
         if trainer.is_global_zero:
