@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
+from fdlight.data.pixels import upright_size
 from fdlight.errors import FDLightError, Unreadable, check
 
 
@@ -50,7 +51,9 @@ class EncodedView:
         self.mean, self.std = list(norm.mean), list(norm.std)
 
     def __call__(self, img) -> Encoded:
-        top, left, h, w = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        width, height = upright_size(img)  # the GPU decoder turns the image upright by its EXIF orientation
+        shape = torch.empty(1, 1, 1).expand(1, height, width)  # the size get_params reads, with no pixels
+        top, left, h, w = self.crop.get_params(shape, self.crop.scale, self.crop.ratio)
         flip = bool(torch.rand(1) < self.flip_p)  # RandomHorizontalFlip's own draw, after the crop's
         if img.format != "JPEG":
             raise Unreadable(f"not a JPEG ({img.format}) under data.decode=gpu")
@@ -70,7 +73,7 @@ def decode_batch(batch: EncodedBatch, size: tuple[int, int], mean, std, device: 
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        images = decode_jpeg(batch.data, mode=ImageReadMode.RGB, device=device)
+        images = decode_jpeg(batch.data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
     except RuntimeError as e:
         raise FDLightError(f"a JPEG of this batch cannot be decoded ({str(e).splitlines()[0]}); run with "
                            f"data.decode=pil, which skips and counts unreadable files") from e
