@@ -115,9 +115,10 @@ def test_a_rotated_image_is_upright_under_every_decoder(images):
 
 def test_distillation_reads_a_nested_folder_skipping_and_counting_the_corrupt_file(images, tmp_path, caplog):
     root, paths = images
-    metrics = run_stage(["data=images", f"data.root={root}", "data.num_workers=0", "distill.batch_size=3",
-                         "distill.epochs=1", "distill.num_threads=1"], tmp_path / "run")
+    metrics = run_stage(["data=images", f"data.root={root}", f"data.val_root={root / '2023'}", "data.num_workers=0",
+                         "distill.batch_size=3", "distill.epochs=1", "distill.num_threads=1"], tmp_path / "run")
     assert metrics["steps"] == 3 and metrics["skipped_images"] == 1  # 10 files, batches of 3; the corrupt one
+    assert 0 < metrics["val/loss"] < 10  # the held-out images' FD loss under the final weights
     kept = (tmp_path / "run" / "listing-train.txt").read_text().splitlines()
     assert kept[0] == f"# fdlight listing 1 root={root}" and kept[1:] == walk_images(root)
     assert f"skipping unreadable image {paths['corrupt']}" in caplog.text
@@ -195,25 +196,26 @@ def test_a_listing_kept_in_the_run_directory_is_read_back(images, tmp_path):
 
 @pytest.mark.xdist_group("processes")
 def test_a_killed_run_resumes_bit_for_bit_on_the_images_it_listed(tmp_path):
-    """24 images, 4 a batch: 6 steps an epoch, 2 epochs, a checkpoint every 4 steps. Images added after the kill
-    are not read by the resumed run (else its weights would differ from the run left alone)."""
+    """24 images, a quarter held out, 4 a batch: 4 steps an epoch, 3 epochs, a checkpoint every 3 steps. Images
+    added after the kill are not read by the resumed run (else its weights would differ from the run left alone)."""
     root = tmp_path / "photos"
     for i in range(24):
         path = root / f"cam{i % 3}" / f"day{i % 2}" / f"{i:03d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         photo(i, 48 + i, 40).save(path, quality=90)
-    args = ["data=images", f"data.root={root}", "data.num_workers=1", "distill.batch_size=4", "distill.epochs=2",
-            "distill.checkpoint_every_n_steps=4", "distill.num_threads=1"]
+    args = ["data=images", f"data.root={root}", "data.val_fraction=0.25", "data.num_workers=1", "distill.batch_size=4",
+            "distill.epochs=3", "distill.checkpoint_every_n_steps=3", "distill.num_threads=1"]
 
     class AddImages:
         def __call__(self, step: int) -> bool:
-            if step >= 8 and step % 6:
+            if step >= 6 and step % 4:
                 for i in range(4):
                     photo(100 + i, 48, 40).save(root / "cam0" / f"added_{i}.jpg", quality=90)
                 return True
             return False
 
     killed_at = check_exact_resume(tmp_path, args, 12, AddImages(), ("student.safetensors",))
-    assert killed_at % 6  # mid-epoch
-    log = (tmp_path / "killed" / "fdlight.log").read_text()
-    assert "files added since are not read" in log
+    assert killed_at % 4  # mid-epoch
+    assert "files added since are not read" in (tmp_path / "killed" / "fdlight.log").read_text()
+    val = [json.loads((tmp_path / run / "metrics.json").read_text())["val/loss"] for run in ("reference", "killed")]
+    assert val[0] == val[1]

@@ -67,7 +67,7 @@ def count_images(path: str) -> int:
                 if member.isreg() and key is not None and suffix.lower() in IMAGE_KEYS:
                     keys.add(key)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise FDLightError(f"shard {path} is not a tar archive ({e}); data.urls must name tar shards in WebDataset's "
+        raise FDLightError(f"shard {path} is not a tar archive ({type(e).__name__}); data.urls must name tar shards in WebDataset's "
                            f"layout (<key>.jpg with optional <key>.cls beside it)") from e
     return len(keys)
 
@@ -149,8 +149,9 @@ class ShardStream(SkipsUnreadable, IterableDataset):
 
     def __iter__(self):
         info = get_worker_info()
-        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         epoch, start = self.position
+        w, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        w = (w + start) % workers  # the loader asks worker 0 first: it plays the part of the next batch's maker
         share = len(range(w, self.batches, workers)) * self.batch_size  # the loader takes workers' batches in turn
         done = len(range(w, start, workers)) * self.batch_size
         if share == 0:
