@@ -13,9 +13,9 @@ from PIL import Image
 
 from conftest import TINY, compose, run_cli, run_stage
 from fdlight.data.decode import DraftDecode
-from fdlight.data.gpu import EncodedView, GPUDecoding, collate_encoded
+from fdlight.data.gpu import EncodedView, GPUDecoding, collate_encoded, upright
 from fdlight.data.listing import kept_in, walk_images
-from fdlight.data.pixels import as_rgb
+from fdlight.data.pixels import UPRIGHT, as_rgb
 from fdlight.data.seeded import seeded_globals
 from fdlight.data.transforms import fd_train_transform
 from fdlight.errors import FDLightError
@@ -113,6 +113,14 @@ def test_a_rotated_image_is_upright_under_every_decoder(images):
     assert levels.mean() < 2  # the same crop of the same upright picture (two JPEG decoders, two resizers)
 
 
+def test_the_gpu_decoders_turn_is_pils_for_every_exif_orientation():
+    """torchvision applies EXIF orientation on the CPU only: data.decode=gpu turns the decoded tensor itself."""
+    pixels = np.random.default_rng(0).integers(0, 255, (5, 7, 3), dtype=np.uint8)
+    for turn, method in UPRIGHT.items():
+        turned = upright(torch.from_numpy(pixels).permute(2, 0, 1), turn).permute(1, 2, 0).numpy()
+        assert np.array_equal(turned, np.asarray(Image.fromarray(pixels).transpose(method))), turn
+
+
 def test_distillation_reads_a_nested_folder_skipping_and_counting_the_corrupt_file(images, tmp_path, caplog):
     root, paths = images
     metrics = run_stage(["data=images", f"data.root={root}", f"data.val_root={root / '2023'}", "data.num_workers=0",
@@ -160,6 +168,7 @@ def test_held_out_images_are_a_fixed_seeded_split_or_a_folder(images):
     (["data.root={root}/nowhere"], "does not exist"),
     (["data.list={root}/list.txt"], "names 1 file(s) that do not exist (first: missing/x.jpg"),
     (["data.root={root}", "data.val_fraction=1.5"], "data.val_fraction=1.5 must lie between 0 and 1"),
+    (["stage=finetune", "data.root={root}"], "data=images holds no class labels"),
 ])
 def test_bad_input_is_one_line_and_leaves_no_run(images, tmp_path, args, expected):
     root, _ = images
@@ -167,7 +176,7 @@ def test_bad_input_is_one_line_and_leaves_no_run(images, tmp_path, args, expecte
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("no pictures")
     (root / "list.txt").write_text("2024/site_a/day2/tile.png\nmissing/x.jpg\n")
     args = [a.format(root=root, empty=tmp_path / "empty") for a in args]
-    with pytest.raises(FDLightError, match="data\\.") as e:
+    with pytest.raises(FDLightError, match="data") as e:
         run_stage(["data=images", *args], tmp_path / "run")
     assert expected in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
@@ -219,3 +228,12 @@ def test_a_killed_run_resumes_bit_for_bit_on_the_images_it_listed(tmp_path):
     assert "files added since are not read" in (tmp_path / "killed" / "fdlight.log").read_text()
     val = [json.loads((tmp_path / run / "metrics.json").read_text())["val/loss"] for run in ("reference", "killed")]
     assert val[0] == val[1]
+
+
+def test_linked_folders_are_followed_and_a_link_up_the_tree_ends(tmp_path):
+    (tmp_path / "a").mkdir()
+    photo(0, 8, 8).save(tmp_path / "a" / "x.JPG")
+    (tmp_path / "a" / "loop").symlink_to(tmp_path)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "also_a").symlink_to(tmp_path / "a")
+    assert walk_images(tmp_path) == ["a/x.JPG", "b/also_a/x.JPG"]

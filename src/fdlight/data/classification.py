@@ -21,9 +21,14 @@ from fdlight.data.synthetic import SyntheticClassification, synthetic_splits
 from fdlight.errors import FDLightError, check
 
 
+UNLABELLED = ("images", "webdataset")  # sources read for distillation, which needs no label
+
+
 def check_root(data_cfg, with_val: bool = False) -> None:
     """A folder dataset's root is set and laid out as ImageFolder trees (train/, and val/ when `with_val`)."""
     c = data_cfg
+    check(c.name not in UNLABELLED, f"data={c.name} holds no class labels (or no labelled val split) to train a "
+                                    f"classifier on; use data=imagenet or data=shards (ImageFolder's layout)")
     check(not OmegaConf.is_missing(c, "root") and bool(c.root),
           f"data={c.name} needs data.root=<folder holding train/<class>/<image>"
           f"{' and val/<class>/<image>' if with_val else ''}>")

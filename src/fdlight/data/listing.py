@@ -56,8 +56,9 @@ class Listing:
 
 def walk_images(root: Path) -> list[str]:
     """Every image file under `root` at any depth (by suffix, any letter case; hidden files and folders left out),
-    as paths relative to it, sorted. Folders are followed through links."""
-    found, stack = [], [("", str(root))]
+    as paths relative to it, sorted. Linked folders are followed (each once, so a link up the tree ends)."""
+    top = os.stat(root)
+    found, stack, linked = [], [("", str(root))], {(top.st_dev, top.st_ino)}
     while stack:
         prefix, folder = stack.pop()
         with os.scandir(folder) as entries:
@@ -66,6 +67,11 @@ def walk_images(root: Path) -> list[str]:
                 if name[0] == "." or "\n" in name or "\t" in name:  # hidden (._x); or a name the listing cannot hold
                     continue
                 if e.is_dir():
+                    if e.is_symlink():  # a link may lead back up the tree: each linked folder is read once
+                        st = e.stat()
+                        if (st.st_dev, st.st_ino) in linked:
+                            continue
+                        linked.add((st.st_dev, st.st_ino))
                     stack.append((prefix + name + "/", e.path))
                 elif name[name.rfind("."):].lower() in IMAGE_SUFFIXES and e.is_file():
                     found.append(prefix + name)
