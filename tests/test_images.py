@@ -110,7 +110,7 @@ def test_a_rotated_image_is_upright_under_every_decoder(images):
         encoded = view(Image.open(path))
     gpu = GPUDecoding(view)(collate_encoded([(encoded, -1)]), torch.device("cpu"))[0][0]
     levels = (gpu - expected).abs() * 255 * torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
-    assert levels.mean() < 2  # the same crop of the same upright picture (two JPEG decoders, two resizers)
+    assert levels.max() <= 1 + 1e-3 and levels.mean() < 0.5  # as for upright files (tests/test_decode.py)
 
 
 def test_the_gpu_decoders_turn_is_pils_for_every_exif_orientation():
