@@ -44,8 +44,8 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
-def loader(shards, *args, batch_size: int = 4) -> tuple:
-    cfg = compose([*TINY, "data=webdataset", f"data.urls='{shards}/shard-{{000000..000003}}.tar'", "data.strict=false",
+def loader(shards, *args, batch_size: int = 4, urls: str = "shard-{000000..000003}.tar") -> tuple:
+    cfg = compose([*TINY, "data=webdataset", f"data.urls='{shards}/{urls}'", "data.strict=false",
                    f"distill.batch_size={batch_size}", *args])
     data = distill_data(cfg)
     data.setup()
@@ -121,3 +121,16 @@ def test_bad_input_is_one_line_and_leaves_no_run(shards, tmp_path, urls, expecte
     assert not (tmp_path / "run").exists()
     with pytest.raises(FDLightError, match="data=webdataset needs data.urls"):
         run_stage(["data=webdataset"], tmp_path / "run")
+
+
+def test_shards_with_no_readable_image_stop_the_run_in_one_line(tmp_path):
+    for s in range(2):
+        with wds.TarWriter(str(tmp_path / f"shard-{s:06d}.tar")) as sink:
+            for j in range(3):
+                sink.write({"__key__": f"{s}_{j}", "jpg": b"\xff\xd8 not a jpeg"})
+        with wds.TarWriter(str(tmp_path / f"meta-{s:06d}.tar")) as sink:  # a shard of captions only: left out
+            sink.write({"__key__": f"m{s}", "txt": "no image here"})
+    data, dl = loader(tmp_path, "data.num_workers=0", batch_size=2, urls="{shard,meta}-{000000..000001}.tar")
+    assert len(data.train_set.shards) == 2
+    with pytest.raises(FDLightError, match="no image of the shards data.urls names can be read"):
+        next(iter(dl))

@@ -110,7 +110,7 @@ class EpochSampler(DistributedSampler):
         return iter([(self.epoch, i) for i in self.order(self.epoch)[start * self.batch_size:]])
 
 
-class _Deferred:
+class Deferred:
     """An iterator that is built when its first item is asked for."""
 
     def __init__(self, build):
@@ -132,7 +132,7 @@ class DeferredLoader(DataLoader):
     the restored position."""
 
     def __iter__(self):
-        return _Deferred(super().__iter__)
+        return Deferred(super().__iter__)
 
 
 def batches_drawn(trainer) -> int:

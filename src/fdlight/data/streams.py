@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fdlight.data.folders import SkipsUnreadable, read_sample
 from fdlight.data.images import NO_LABEL
 from fdlight.data.listing import Listing, listed
-from fdlight.data.seeded import ORDER, SAMPLE, _Deferred, derived_seed, seeded_call
+from fdlight.data.seeded import ORDER, SAMPLE, Deferred, derived_seed, seeded_call
 from fdlight.errors import FDLightError, Unreadable, check
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")  # members read as a sample's image, the first one present
@@ -67,8 +67,8 @@ def count_images(path: str) -> int:
                 if member.isreg() and key is not None and suffix.lower() in IMAGE_KEYS:
                     keys.add(key)
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise FDLightError(f"shard {path} is not a tar archive ({type(e).__name__}); data.urls must name tar shards in WebDataset's "
-                           f"layout (<key>.jpg with optional <key>.cls beside it)") from e
+        raise FDLightError(f"shard {path} is not a tar archive ({type(e).__name__}); data.urls must name tar shards "
+                           f"in WebDataset's layout (<key>.jpg with optional <key>.cls beside it)") from e
     return len(keys)
 
 
@@ -96,7 +96,8 @@ class ShardStream(SkipsUnreadable, IterableDataset):
 
     def __init__(self, listing: Listing, transform, batch_size: int, seed: int, buffer: int = 1000,
                  strict: bool = False):
-        self.root, self.shards, self.counts = listing.root, listing.paths(), list(listing.counts)
+        kept = [(path, n) for path, n in zip(listing.paths(), listing.counts) if n > 0]  # a shard of no image: none
+        self.root, self.shards, self.counts = listing.root, [p for p, _ in kept], [n for _, n in kept]
         self.first = np.cumsum([0, *self.counts])[:-1].tolist()  # index of each shard's first sample
         self.total = int(sum(self.counts))
         self.transform, self.batch_size, self.seed, self.buffer, self.strict = (
@@ -156,8 +157,13 @@ class ShardStream(SkipsUnreadable, IterableDataset):
         done = len(range(w, start, workers)) * self.batch_size
         if share == 0:
             return
-        given = 0
+        given, current, at_pass = 0, 0, 0
         for rnd, i, name, data, label in self.records(epoch, self.rank * workers + w, self.world * workers):
+            if rnd != current:
+                if given == at_pass and self.skipped >= self.total:  # a pass of nothing: else another reads others
+                    raise FDLightError(f"no image of the shards data.urls names can be read (last: {name}); check "
+                                       f"them")
+                current, at_pass = rnd, given
             if self._bad[i]:
                 continue
             try:
@@ -192,7 +198,7 @@ class StreamLoader(DataLoader):
         self.drawn, self.iterations = drawn, 0
 
     def __iter__(self):
-        return _Deferred(self.start)
+        return Deferred(self.start)
 
     def start(self):
         stream = self.dataset
