@@ -4,7 +4,7 @@ seeded buffer; a stream continued mid-epoch gives the uninterrupted epoch's batc
 from __future__ import annotations
 
 import io
-import json
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +86,9 @@ def test_ranks_split_the_shards_and_take_as_many_batches(shards):
         assert len(batches) == 3  # 24 samples over 2 processes, 4 a batch
         seen.append({int(x) for b in batches for x in b[1]})
     assert all(seen)
+    read = [{name.split(":")[0] for _, _, name, _, _ in islice(stream.records(0, slot, 4), PER_SHARD)}
+            for slot in range(4)]  # 2 processes x 2 workers: each reader's first pass is one shard of its own
+    assert all(len(r) == 1 for r in read) and len(set.union(*read)) == SHARDS
 
 
 def test_a_stream_continued_mid_epoch_gives_the_rest_of_the_uninterrupted_epoch(shards):
