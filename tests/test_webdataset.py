@@ -17,6 +17,7 @@ from conftest import TINY, compose, run_stage
 from fdlight.data.streams import StreamLoader
 from fdlight.errors import FDLightError
 from fdlight.stages.distill import distill_data
+from test_resume import check_exact_resume
 
 SHARDS, PER_SHARD = 4, 6
 
@@ -137,3 +138,13 @@ def test_shards_with_no_readable_image_stop_the_run_in_one_line(tmp_path):
     assert len(data.train_set.shards) == 2
     with pytest.raises(FDLightError, match="no image of the shards data.urls names can be read"):
         next(iter(dl))
+
+
+@pytest.mark.xdist_group("processes")
+def test_a_killed_stream_resumes_bit_for_bit_with_the_same_workers(shards, tmp_path):
+    """24 samples, 4 a batch, two workers: 6 steps an epoch, 3 epochs, a checkpoint every 4 steps (the kill lands
+    mid-epoch, at step 8 or 16: the resumed readers drop what the epoch already trained on)."""
+    args = ["data=webdataset", f"data.urls={shards}", "data.num_workers=2", "distill.batch_size=4", "distill.epochs=3",
+            "distill.checkpoint_every_n_steps=4", "distill.num_threads=1"]
+    killed_at = check_exact_resume(tmp_path, args, 18, lambda step: step >= 8 and step % 6, ("student.safetensors",))
+    assert killed_at % 6
