@@ -63,6 +63,13 @@ def test_data_bench_reduces_large_photos_and_runs_the_finetune_path():
     assert tuned["decoders"]["pil_draft"]["img_per_s"] > 0
 
 
+def test_data_bench_times_listing_a_nested_tree_keeping_it_and_reading_it_back():
+    from fdlight.bench.data import main as data_bench
+
+    result = data_bench(["--listing", "1234", "--rounds", "1"])
+    assert result["files"] == 1234 and all(result[k] > 0 for k in ("list_s", "keep_s", "read_back_s"))
+
+
 def test_fit_bench_reports_the_run_rate_beside_the_step():
     from fdlight.bench.fit import main as fit_bench
 

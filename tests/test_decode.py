@@ -118,7 +118,7 @@ def test_the_gpu_path_decodes_a_batch_on_the_cpu_as_pil_does(tmp_path):
     expected = torch.stack([views(p, full, i, False) for i, p in enumerate(paths)])
     encoded = [(views(p, view, i, True), 0) for i, p in enumerate(paths)]
     batch, _ = collate_encoded(encoded)
-    assert batch.params.shape == (len(paths), 5) and all(t.dtype == torch.uint8 for t in batch.data)
+    assert batch.params.shape == (len(paths), 6) and all(t.dtype == torch.uint8 for t in batch.data)
     got = decode_batch(batch, view.size, view.mean, view.std, torch.device("cpu"))
     d = levels(expected, got)
     assert got.shape == expected.shape and d.max() <= 1.0 + 1e-3 and d.mean() < 0.5

@@ -28,6 +28,8 @@ QUIET = (
     # Lightning: fdlight's data order is seeded by the loop position, so a mid-epoch resume is exact; the
     # ResumeNote callback says where training resumes instead
     r".*resuming from a checkpoint that ended before the epoch ended.*",
+    # Lightning: data=webdataset's stream gives each worker an exact share of the length it states
+    r".*Your `IterableDataset` has `__len__` defined.*",
 )
 # Loggers whose records go to the log file only (faster-coco-eval logs two full COCOeval tables per evaluation; the
 # stage's closing line gives the mAPs).

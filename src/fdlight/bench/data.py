@@ -8,6 +8,10 @@ the collation included. Each decoder of `--decode` is timed in turn, round after
 rate is given per worker (per core: `--workers 0` runs everything in this process). It then compares `pil_draft`
 with `pil` on fixed crops: the share of samples decoded at reduced size and the pixel difference.
 
+`--listing N` times instead what a run of `data=images` does first: listing N empty .jpg files in nested folders
+(100 a folder, 10 folders a parent), writing that listing into a run directory and reading it back (what
+`resume=true` does), best of `--rounds`.
+
 `--sizes imagenet` (default) mixes ImageNet's common sizes, mostly 500x375 and its relatives, with a tail of larger
 photos (up to 1600x1200); `--sizes 500x375` (any WxH list) writes only those.
 """
@@ -153,6 +157,44 @@ def fixed_crops(stage: str, root: Path, samples: int, overrides=()) -> dict:
                 mean_diff_reduced=round(float(red.mean()), 3), max_diff_reduced=round(float(red.max()), 2))
 
 
+def write_empty_tree(root: Path, files: int, per_folder: int = 100, fanout: int = 10) -> None:
+    """`files` empty .jpg files, `per_folder` a folder, the folders `fanout` a parent, two levels deep."""
+    for i in range(0, files, per_folder):
+        folder = root / f"part_{i // (per_folder * fanout):04d}" / f"dir_{i // per_folder:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for k in range(i, min(i + per_folder, files)):
+            (folder / f"img_{k:07d}.jpg").touch()
+
+
+def time_listing(files: int, rounds: int) -> dict:
+    """Seconds to list `files` images (data=images' start), to keep the listing and to read it back (a resume)."""
+    from fdlight.data.images import folder_listing
+    from fdlight.data.listing import Listing, kept_in, listed, save_listings
+
+    with tempfile.TemporaryDirectory(prefix="fdlight-bench-listing-") as tmp:
+        root = Path(tmp) / "images"
+        write_empty_tree(root, files)
+        seconds = {"list": [], "keep": [], "read_back": []}
+        for r in range(rounds):
+            run_dir = Path(tmp) / f"run_{r}"
+            run_dir.mkdir()
+            with kept_in(run_dir):
+                start = time.perf_counter()
+                listing = listed("train", lambda: folder_listing(root, "root"), "images")
+                seconds["list"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                save_listings(run_dir)
+                seconds["keep"].append(time.perf_counter() - start)
+                start = time.perf_counter()
+                again = Listing.parse((run_dir / "listing-train.txt").read_text(), run_dir)
+                seconds["read_back"].append(time.perf_counter() - start)
+            assert again.entries == listing.entries and len(listing.entries) == files
+    result = dict(files=files, **{f"{k}_s": min(v) for k, v in seconds.items()})
+    print(f"fdlight.bench.data listing: files={files} " + " ".join(f"{k}_s={min(v):.3f}" for k, v in seconds.items())
+          + f" (best of {rounds}; goal: list_s <= 2.0 for 100,000 files)")
+    return result
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=("distill", "finetune"), default="distill")
@@ -168,8 +210,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--root", default=None, help="an existing ImageFolder root (train/<class>/*) instead of one "
                                                  "written here")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where gpu decodes")
+    ap.add_argument("--listing", type=int, default=0, metavar="N", help="time listing N empty .jpg files in nested "
+                                                                         "folders (data=images' start) instead")
     ap.add_argument("overrides", nargs="*", help="config overrides, e.g. data.min_scale=0.67")
     args = ap.parse_args(argv)
+    if args.listing:
+        return time_listing(args.listing, args.rounds)
     decoders = [d for d in args.decode.split(",") if d]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core per worker, as a loader worker runs

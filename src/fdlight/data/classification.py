@@ -1,6 +1,10 @@
-"""The image-classification DataModule (synthetic or ImageFolder), shared by the distillation, fine-tuning and
-linear-probe stages; distillation ignores the labels."""
+"""The image DataModule of the distillation, fine-tuning and linear-probe stages (distillation ignores the labels).
+Its sources: the embedded synthetic set, ImageFolder trees, fdlight's own shards, any images (data=images) and
+WebDataset shards written by other tools (data=webdataset). Above every source sit the same decoders, the
+skip-and-count rule, the per-sample seeding and the epoch order (docs/architecture.md, "Data sources")."""
 from __future__ import annotations
+
+import functools
 
 import lightning as L
 import torch
@@ -9,15 +13,22 @@ from torch.utils.data import DataLoader
 
 from fdlight.data.decode import check_decode, train_decoding
 from fdlight.data.folders import SafeImageFolder, class_folder
-from fdlight.data.seeded import check_fits_a_batch, loader_workers, training_loader
+from fdlight.data.images import image_splits
+from fdlight.data.seeded import batches_drawn, check_fits_a_batch, loader_workers, training_loader
 from fdlight.data.shards import ShardedImages, split_folder
+from fdlight.data.streams import ShardStream, StreamLoader, shard_stream
 from fdlight.data.synthetic import SyntheticClassification, synthetic_splits
 from fdlight.errors import FDLightError, check
+
+
+UNLABELLED = ("images", "webdataset")  # sources read for distillation, which needs no label
 
 
 def check_root(data_cfg, with_val: bool = False) -> None:
     """A folder dataset's root is set and laid out as ImageFolder trees (train/, and val/ when `with_val`)."""
     c = data_cfg
+    check(c.name not in UNLABELLED, f"data={c.name} holds no class labels (or no labelled val split) to train a "
+                                    f"classifier on; use data=imagenet or data=shards (ImageFolder's layout)")
     check(not OmegaConf.is_missing(c, "root") and bool(c.root),
           f"data={c.name} needs data.root=<folder holding train/<class>/<image>"
           f"{' and val/<class>/<image>' if with_val else ''}>")
@@ -54,6 +65,10 @@ class ClassificationData(L.LightningDataModule):
         if c.name == "synthetic":
             return synthetic_splits(SyntheticClassification, c, self.train_transform, self.val_transform,
                                     self.with_val)
+        if c.name == "images":
+            return image_splits(c, self.train_transform, self.val_transform)
+        if c.name == "webdataset":
+            return shard_stream(c, self.train_transform, self.batch_size, self.seed), None
         check_root(c, self.with_val)
         train = self.split("train", self.train_transform)
         val = self.split("val", self.val_transform) if self.with_val else None
@@ -87,7 +102,14 @@ class ClassificationData(L.LightningDataModule):
             from fdlight.data.gpu import GPUDecoding, collate_encoded
 
             self.gpu_decoding, collate = GPUDecoding(self.train_transform), collate_encoded
-        return training_loader(self.train_set, self.batch_size, self.seed, loader_workers(self.cfg.num_workers), self.trainer,
+        if isinstance(self.train_set, ShardStream):
+            t = self.trainer
+            world, rank = (t.world_size, t.global_rank) if t is not None else (1, 0)
+            self.train_set.place(world, rank, loader_workers(self.cfg.num_workers))
+            return StreamLoader(self.train_set, functools.partial(batches_drawn, t) if t is not None else None,
+                                collate_fn=collate, pin_memory=torch.cuda.is_available())
+        return training_loader(self.train_set, self.batch_size, self.seed, loader_workers(self.cfg.num_workers),
+                               self.trainer,
                                collate_fn=collate, pin_memory=torch.cuda.is_available())
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):

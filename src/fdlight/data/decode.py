@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from fdlight.data.gpu import EncodedView
+from fdlight.data.pixels import as_rgb, orientation
 from fdlight.errors import FDLightError, Unreadable, check
 
 DECODERS = ("pil", "pil_draft", "gpu")
@@ -54,14 +55,6 @@ def decode_reduced(img: Image.Image, scale: int) -> tuple[Image.Image, float, fl
     return rgb, rgb.size[0] / width, rgb.size[1] / height
 
 
-def as_rgb(img: Image.Image) -> Image.Image:
-    """The image decoded as RGB: an RGB file is only loaded (convert would copy every pixel once more)."""
-    if img.mode == "RGB":
-        img.load()
-        return img
-    return img.convert("RGB")
-
-
 class DraftDecode:
     """A training transform whose first step is a RandomResizedCrop (torchvision's or timm's), run on an opened but
     not yet decoded image: the crop is drawn by the crop's own `get_params` (the header's size is all it reads),
@@ -81,6 +74,8 @@ class DraftDecode:
 
     def __call__(self, img: Image.Image):
         crop = self.crop
+        if orientation(img) != 1:  # stored turned: decoded whole and upright, then exactly the pil path
+            return self.rest(crop(decode_reduced(img, 1)[0]))
         top, left, h, w = crop.get_params(img, crop.scale, crop.ratio)  # the same draws as the crop's own forward
         interpolation = crop.interpolation
         if isinstance(interpolation, (tuple, list)):  # timm's "random" interpolation: its draw comes next

@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from fdlight.data.decode import as_rgb
+from fdlight.data.pixels import as_rgb
 from fdlight.data.source import data_root
 from fdlight.errors import FDLightError, Unreadable, check
 
@@ -40,8 +40,9 @@ def is_image(path: Path) -> bool:
 
 
 class SkipsUnreadable:
-    """Item access over `samples` ((name, target) pairs) that skips unreadable ones and counts them in the shared
-    `_bad` flags, or, `strict`, stops at the first; `load(i)` reads sample i and raises Unreadable."""
+    """The skip-and-count rule over `samples` ((name, target) pairs): item access skips unreadable ones and counts
+    them in the shared `_bad` flags, or, `strict`, stops at the first; `load(i)` reads sample i and raises
+    Unreadable. A streaming source applies the same rule through `unreadable`."""
 
     @property
     def skipped(self) -> int:
@@ -50,6 +51,14 @@ class SkipsUnreadable:
 
     def load(self, i: int):
         raise NotImplementedError
+
+    def unreadable(self, i: int, name: str, error: Unreadable) -> None:
+        """Sample i cannot be read: stop the run when strict, else count it and say so."""
+        if self.strict:
+            raise FDLightError(f"unreadable image {name} ({error}); remove it or set data.strict=false to skip "
+                               f"such files") from error
+        self._bad[i] = 1
+        log.warning("skipping unreadable image %s (%s)", name, error)
 
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):
@@ -60,11 +69,7 @@ class SkipsUnreadable:
             try:
                 sample = self.load(i)
             except Unreadable as e:
-                if self.strict:
-                    raise FDLightError(f"unreadable image {name} ({e}); remove it or set "
-                                       f"data.strict=false to skip such files") from e
-                self._bad[i] = 1
-                log.warning("skipping unreadable image %s (%s)", name, e)
+                self.unreadable(i, name, e)
                 continue
             return sample, target
         raise FDLightError(f"no readable image under {self.root}")

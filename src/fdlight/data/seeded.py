@@ -69,12 +69,16 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        seed = derived_seed(self.seed, SAMPLE, epoch, index)
-        if get_worker_info() is not None:  # a data worker's generators serve its samples alone: no state to keep
-            seed_globals(seed, cuda=False)
-            return self.dataset[index]
-        with seeded_globals(seed):
-            return self.dataset[index]
+        return seeded_call(derived_seed(self.seed, SAMPLE, epoch, index), self.dataset.__getitem__, index)
+
+
+def seeded_call(seed: int, fn, *args):
+    """fn(*args) under the global generators seeded by `seed` (a sample's augmentation)."""
+    if get_worker_info() is not None:  # a data worker's generators serve its samples alone: no state to keep
+        seed_globals(seed, cuda=False)
+        return fn(*args)
+    with seeded_globals(seed):
+        return fn(*args)
 
 
 class EpochSampler(DistributedSampler):
@@ -107,7 +111,7 @@ class EpochSampler(DistributedSampler):
         return iter([(self.epoch, i) for i in self.order(self.epoch)[start * self.batch_size:]])
 
 
-class _Deferred:
+class Deferred:
     """An iterator that is built when its first item is asked for."""
 
     def __init__(self, build):
@@ -129,7 +133,7 @@ class DeferredLoader(DataLoader):
     the restored position."""
 
     def __iter__(self):
-        return _Deferred(super().__iter__)
+        return Deferred(super().__iter__)
 
 
 def batches_drawn(trainer) -> int:
@@ -164,6 +168,7 @@ def loader_workers(setting) -> int:
 
 def check_fits_a_batch(dataset, batch_size: int) -> None:
     """Training drops the last partial batch: a set smaller than one batch would train on nothing."""
-    if len(dataset) < batch_size:
-        raise FDLightError(f"the training set has {len(dataset)} images, fewer than one batch of {batch_size}; lower "
+    size = getattr(dataset, "total", None) or len(dataset)  # a stream's length is its process's share
+    if size < batch_size:
+        raise FDLightError(f"the training set has {size} images, fewer than one batch of {batch_size}; lower "
                            f"the stage's batch_size or add images")

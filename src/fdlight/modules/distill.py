@@ -143,6 +143,7 @@ class FeatureDistillation(TrainingModule):
         self.register_buffer("renorm_shift", torch.stack([(mean_in - m) / s for m, s in stats]), persistent=False)
         self.first_losses: dict[str, float] = {}
         self.last_losses: dict[str, float] = {}
+        self.validated_step = -1  # the global step the latest held-out evaluation saw
         self.distill_losses = torch.compile(self._distill_losses) if compile_loss else self._distill_losses
         self.distill_loss = torch.compile(self._distill_loss) if compile_loss else self._distill_loss
 
@@ -268,6 +269,14 @@ class FeatureDistillation(TrainingModule):
         if not self.single:
             self.record_teacher_losses(losses, loss)
         return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        """The FD loss on the held-out images (data=images' data.val_root or data.val_fraction)."""
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        self.log("val/loss", self._distill_loss(x), sync_dist=True, batch_size=x.shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self.validated_step = self.global_step
 
     def record_teacher_losses(self, losses: Mapping[str, torch.Tensor], total: torch.Tensor) -> None:
         """Log each teacher's loss and its weighted share of the total; keep its first and last value."""

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from fdlight.artifacts import write_json
 from fdlight.data.source import data_text, data_used
+from fdlight.data.listing import kept_in, save_listings
 from fdlight.errors import FDLightError
 from fdlight.runs.callbacks import Throughput
 from fdlight.runs.directory import Claim, claim, discard_new, is_secondary_rank, save_config
@@ -95,10 +96,11 @@ class Stage:
                              claimed.finished.get("steps", "all"))
                 return claimed.finished
             try:
-                built = self.build(cfg)
-                if callbacks:
-                    built.callbacks = [*built.callbacks, *callbacks]
-                metrics = self.execute(cfg, run_dir, built, claimed)
+                with kept_in(run_dir):  # what a data source lists is kept in the run directory (fdlight.data.listing)
+                    built = self.build(cfg)
+                    if callbacks:
+                        built.callbacks = [*built.callbacks, *callbacks]
+                    metrics = self.execute(cfg, run_dir, built, claimed)
             except FDLightError as e:
                 e.run_started = True
                 raise
@@ -155,6 +157,8 @@ class TrainingStage(Stage):
         trainer = build_trainer(cfg, s, run_dir, callbacks=[meter, *built.callbacks], validate=built.validate,
                                 wrap_classes=built.wrap_classes, checkpoint_every=s.get("checkpoint_every_n_steps"))
         save_config(cfg, run_dir)  # once the trainer is built: a trainer config that cannot run here leaves no run
+        if not is_secondary_rank():
+            save_listings(run_dir)  # before other ranks start: they read rank 0's listing
         if claimed.resume_from is not None and not is_secondary_rank():
             (run_dir / "metrics.json").unlink(missing_ok=True)  # a complete run trained on is complete no longer
         start = time.perf_counter()

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from fdlight.config import group_config, group_choices, several_teachers, teacher_configs, teacher_label
 from fdlight.data.classification import ClassificationData
-from fdlight.data.transforms import fd_train_transform
+from fdlight.data.transforms import eval_transform, fd_train_transform
 from fdlight.errors import check
 from fdlight.models.adaptors import save_adaptors
 from fdlight.models.layout import TokenLayout, check_grids
@@ -70,10 +70,14 @@ class Distill(TrainingStage):
         data = distill_data(cfg)
         data.setup()  # a bad data root fails before any model is built
         module = FeatureDistillation.from_config(cfg, compile=bool(cfg.trainer.compile))
-        return Training(module, data, wrap_classes=block_classes(cfg.student), validate=False)
+        return Training(module, data, wrap_classes=block_classes(cfg.student), validate=data.val_set is not None)
 
     def fit(self, trainer, built: Training, resume) -> dict:
         val = super().fit(trainer, built, resume)
+        if built.validate:  # held-out images: their FD loss under the final weights
+            if built.module.validated_step != trainer.global_step:
+                trainer.validate(built.module, datamodule=built.data, verbose=False)
+            val["val/loss"] = float(trainer.callback_metrics["val/loss"])
         if not built.module.single:  # every rank: gathering FSDP shards is collective
             state = trained_state_dict(trainer, built.module, "")
             built.extra["heads"] = {k: v for k, v in state.items() if not k.startswith("student.")}
@@ -96,8 +100,9 @@ class Distill(TrainingStage):
     def summary(self, metrics: dict) -> str:
         first, last = (f"{v:.4f}" if isinstance(v, float) else "n/a" for v in (metrics["first_loss"],
                                                                                metrics["last_loss"]))
+        held_out = f", held-out loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""
         return f"distilled {metrics['student']} <- {metrics['teacher']}: loss {first} -> {last} over " \
-               f"{metrics['steps']} steps"
+               f"{metrics['steps']} steps{held_out}"
 
 
 def export_adaptors(path: Path, module: FeatureDistillation, heads: dict, cfg: DictConfig) -> Path:
@@ -116,8 +121,9 @@ def export_adaptors(path: Path, module: FeatureDistillation, heads: dict, cfg: D
 def distill_data(cfg: DictConfig) -> ClassificationData:
     """The distillation DataModule of a config: one augmented view at the student's resolution (and the data
     benchmark's subject)."""
-    return ClassificationData(cfg.data, cfg.distill.batch_size,
-                              fd_train_transform(int(cfg.student.img_size), cfg.data.min_scale), seed=cfg.seed)
+    size = int(cfg.student.img_size)
+    return ClassificationData(cfg.data, cfg.distill.batch_size, fd_train_transform(size, cfg.data.min_scale),
+                              eval_transform(size), seed=cfg.seed)
 
 
 STAGE = Distill()
