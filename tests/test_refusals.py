@@ -17,7 +17,7 @@ from fdlight.errors import FDLightError
 REFUSED = {
     "a data.root the embedded data does not read": (
         ["data.root=/my/photos"], r"data=synthetic does not read data\.root \('data\.root=/my/photos'\), so it would "
-                                  r"be ignored; data\.root is read by data=ade20k, data=coco, data=imagenet, data=shards"),
+                                  r"be ignored; data\.root is read by data=ade20k, data=coco, data=imagenet, data=images, data=shards"),
     "a data key added with +": (["+data.strict=true"], r"data=synthetic does not read data\.strict \('\+data"),
     "a data key an experiment sets on another source": (
         ["experiment=demo", "data=imagenet", "data.root=/x"],
