@@ -66,18 +66,22 @@ def test_a_second_process_on_a_training_run_is_refused_naming_the_first(tmp_path
 
 
 @pytest.mark.xdist_group("processes")
-def test_ctrl_c_says_which_step_the_kept_checkpoint_holds(tmp_path):
-    run = tmp_path / "run"
-    proc = start(LONG, run)
+def test_ctrl_c_says_which_step_the_kept_checkpoint_holds_and_resume_continues_one_log(tmp_path):
+    run, args = tmp_path / "run", [*LONG, "distill.max_steps=300"]
+    proc = start(args, run)
     last = run / "checkpoints" / "last.ckpt"
     wait_for(proc, lambda: (checkpoint_step(last) or 0) >= 4, "its checkpoint of step 4")
     os.kill(proc.pid, signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     kill_session(proc.pid)
+    kept = checkpoint_step(last)
     said = [ln for ln in out.splitlines() if ln.startswith("stopped at step")]
     assert len(said) == 1, out[-3000:]
-    assert said[0].endswith(f"{last} holds step {checkpoint_step(last)}, and resume=true continues from it")
+    assert said[0].endswith(f"{last} holds step {kept}, and resume=true continues from it")
     assert not (run / "metrics.json").exists()
+    res = run_cli([*args, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert res.returncode == 0 and f"resuming at step {kept} of 300" in res.stdout, res.stderr[-3000:]
+    assert logged_steps(run) == list(range(300))  # the steps logged after the checkpoint were replaced, not repeated
 
 
 @pytest.mark.xdist_group("processes")

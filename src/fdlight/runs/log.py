@@ -1,6 +1,7 @@
 """The run's CSV log: one file (logs/version_0/metrics.csv) for the run's whole life. Every checkpoint records how many
-rows the log held when it was taken; a resumed run cuts the log back to that many before it trains, so the steps it
-replays replace the ones a killed process logged after its last checkpoint, never appear twice."""
+rows the log held when it was taken; a resumed run cuts the log back to those rows and the row of the checkpoint's own
+step (Lightning logs it just after the checkpoint) before it trains, so the steps it trains again replace the ones a
+killed process logged after its last checkpoint, never appear twice."""
 from __future__ import annotations
 
 import csv
@@ -38,22 +39,24 @@ class KeptWriter(ExperimentWriter):
         self.rows += len(self.metrics)
         super().save()
 
-    def keep(self, rows: int) -> None:
-        """Cut the log back to its first `rows` rows (none: the file goes)."""
+    def keep(self, rows: int, step: int) -> None:
+        """Cut the log back to its first `rows` rows and those after them of steps before `step` (none: the file
+        goes)."""
         self.metrics = []
         if not os.path.isfile(self.metrics_file_path):
             return
-        if rows == 0:
+        if step == 0:
             os.unlink(self.metrics_file_path)
             self.metrics_keys, self.rows = [], 0
             return
-        header, kept = self.read()
+        header, logged = self.read()
+        kept = logged[:rows] + [r for r in logged[rows:] if int(float(r.get("step") or 0)) < step]
         out = io.StringIO(newline="")
         writer = csv.DictWriter(out, fieldnames=header)
         writer.writeheader()
-        writer.writerows(kept[:rows])
+        writer.writerows(kept)
         write_text(self.metrics_file_path, out.getvalue())
-        self.rows = min(rows, len(kept))
+        self.rows = len(kept)
 
 
 class RunLog(CSVLogger):
@@ -79,8 +82,9 @@ class RunLog(CSVLogger):
 
 
 class ContinuousLog(Callback):
-    """Records in each checkpoint how many rows every run log held, and cuts the logs back to that when a run resumes
-    (to nothing when it starts from step 0 again); a log the checkpoint does not know (an older checkpoint) is kept."""
+    """Records in each checkpoint how many rows every run log held, and cuts the logs back to the checkpoint's moment
+    when a run resumes (to nothing when it starts from step 0 again); a log the checkpoint does not know (an older
+    checkpoint's) is kept."""
 
     def __init__(self, logs):
         self.logs = list(logs)
@@ -98,4 +102,4 @@ class ContinuousLog(Callback):
         for lg in self.logs:
             rows = 0 if trainer.global_step == 0 else self.saved.get(lg.log_dir)
             if rows is not None:
-                lg.experiment.keep(rows)
+                lg.experiment.keep(rows, trainer.global_step)
