@@ -86,8 +86,8 @@ def test_ctrl_c_says_which_step_the_kept_checkpoint_holds_and_resume_continues_o
 
 @pytest.mark.xdist_group("processes")
 def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_if_never_stopped(tmp_path):
-    args = [*TINY, "data.num_train=64", "distill.batch_size=8", "distill.epochs=2", "distill.checkpoint_every_n_steps=0",
-            "distill.num_threads=1"]
+    args = [*TINY, "data.num_train=64", "distill.batch_size=8", "distill.epochs=2",
+            "distill.checkpoint_every_n_steps=0", "distill.num_threads=1"]
     reference = tmp_path / "reference"
     run_stage(args[len(TINY):], reference)  # the same run left alone (in this process)
     run = tmp_path / "run"

@@ -61,9 +61,9 @@ def layout(t: DictConfig) -> tuple[int, int]:
         check(nodes == have_nodes, f"trainer.num_nodes={nodes}, but {who}; pass trainer.num_nodes={have_nodes}")
         check(asked in (None, local), f"trainer.devices={t.devices}, but {who}; pass trainer.devices={local} (or -1)")
         return local, nodes
-    check(nodes == 1, f"trainer.num_nodes={nodes} asks for {nodes} nodes, but no multi-node launcher (torchrun, SLURM's "
-                      f"srun) started this process; drop trainer.num_nodes (gradient accumulation keeps the recipe's "
-                      f"total batch on the devices here), or start the run under one")
+    check(nodes == 1, f"trainer.num_nodes={nodes} asks for {nodes} nodes, but no multi-node launcher (torchrun, "
+                      f"SLURM's srun) started this process; drop trainer.num_nodes (gradient accumulation keeps the "
+                      f"recipe's total batch on the devices here), or start the run under one")
     if on_gpu(t):
         visible = torch.cuda.device_count()
         check(asked is None or asked <= visible,
