@@ -312,8 +312,9 @@ def test_compiled_training_forward_matches_eager_and_adds_no_state(tmp_path):
     assert metrics["steps"] == 2 and np.isfinite(metrics["last_loss"])
 
 
-def test_world_size_reads_devices_as_lightning_does():
-    """It decides SyncBatchNorm before the trainer exists: counts, id lists and nodes all count processes."""
+def test_world_size_reads_devices_as_lightning_does(monkeypatch):
+    """It decides SyncBatchNorm before the trainer exists: counts, id lists and nodes all count processes (nodes
+    under a launcher that started them)."""
     from omegaconf import OmegaConf
 
     from fdlight.runs.trainer import world_size
@@ -321,4 +322,7 @@ def test_world_size_reads_devices_as_lightning_does():
     def size(devices, nodes=1, accelerator="cpu"):
         return world_size(OmegaConf.create({"devices": devices, "num_nodes": nodes, "accelerator": accelerator}))
 
-    assert [size(1), size(4), size([0, 1]), size("0,1,3"), size("auto"), size(2, nodes=3)] == [1, 4, 2, 3, 1, 6]
+    assert [size(1), size(4), size([0, 1]), size("0,1,3"), size("auto")] == [1, 4, 2, 3, 1]
+    for k, v in {"TORCHELASTIC_RUN_ID": "t", "WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    assert size(2, nodes=3) == size("auto", nodes=3) == 6

@@ -66,7 +66,8 @@ def fraction(**kw) -> Rule:
 LR = positive(hint="a learning rate")
 COMMON = {
     "epochs": count(1), "max_steps": Rule(low=1, whole=True, also=(-1,), hint="-1: no limit"),
-    "batch_size": count(1), "eval_batch_size": count(1), "log_every_n_steps": count(1),
+    "batch_size": count(1), "total_batch_size": count(1, optional=True, hint="null: batch_size x processes"),
+    "eval_batch_size": count(1), "log_every_n_steps": count(1),
     "val_every_n_epochs": count(0), "checkpoint_every_n_steps": count(0), "num_vis": count(0),
     "num_threads": count(1, optional=True), "warmup_epochs": at_least_zero(), "warmup_steps": count(0),
     "weight_decay": at_least_zero(), "clip_grad": at_least_zero(optional=True, hint="0 or null: no clipping"), "drop_path": Rule(low=0, high=1 - 1e-9),

@@ -89,13 +89,20 @@ class EpochSampler(DistributedSampler):
     iteration starts at the beginning. Every epoch is assumed to hold len(self) // batch_size batches (the loader's
     drop_last)."""
 
-    def __init__(self, dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0, drawn=None):
+    def __init__(self, dataset, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0, drawn=None,
+                 accumulate: int = 1):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.batch_size, self.drawn = int(batch_size), drawn
+        self.batch_size, self.drawn, self.accumulate = int(batch_size), drawn, int(accumulate)
 
     @property
     def batches_per_epoch(self) -> int:
-        return max(self.num_samples // self.batch_size, 1)
+        """Whole optimizer steps only (`accumulate` batches each), so an epoch takes the same steps, of the same
+        images, on any number of processes that make up the same total batch."""
+        whole = self.num_samples // (self.batch_size * self.accumulate) * self.accumulate
+        return whole or max(self.num_samples // self.batch_size, 1)
+
+    def __len__(self) -> int:
+        return min(self.batches_per_epoch * self.batch_size, self.num_samples)
 
     def order(self, epoch: int) -> list[int]:
         """This process's indices of epoch `epoch`, in order."""
@@ -108,7 +115,8 @@ class EpochSampler(DistributedSampler):
         start = 0
         if self.drawn is not None:
             self.epoch, start = divmod(int(self.drawn()), self.batches_per_epoch)
-        return iter([(self.epoch, i) for i in self.order(self.epoch)[start * self.batch_size:]])
+        end = self.batches_per_epoch * self.batch_size
+        return iter([(self.epoch, i) for i in self.order(self.epoch)[start * self.batch_size:end]])
 
 
 class Deferred:
@@ -148,7 +156,8 @@ def training_loader(dataset, batch_size: int, seed: int, num_workers: int, train
     and continued from the trainer's position (from the start of epoch 0 without a trainer)."""
     world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
     drawn = functools.partial(batches_drawn, trainer) if trainer is not None else None
-    sampler = EpochSampler(dataset, batch_size, seed, num_replicas=world, rank=rank, drawn=drawn)
+    sampler = EpochSampler(dataset, batch_size, seed, num_replicas=world, rank=rank, drawn=drawn,
+                           accumulate=trainer.accumulate_grad_batches if trainer is not None else 1)
     return DeferredLoader(SeededSamples(dataset, seed), batch_size=batch_size, sampler=sampler, drop_last=True,
                           num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                           collate_fn=collate_fn)

@@ -1,7 +1,10 @@
-"""The run directory's rules: a run directory holds one run; `resume=true` continues it only with the settings it
-was started with (or says that it is complete); ranks other than 0 join rank 0's directory and write nothing."""
+"""The run directory's rules: a run directory holds one run, trained by one process at a time; `resume=true`
+continues it only with the settings it was started with (or says that it is complete, or starts it again when it
+stopped before its first checkpoint); ranks other than 0 join rank 0's directory and write nothing."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -18,6 +21,7 @@ from fdlight.errors import FDLightError, check
 log = logging.getLogger(__name__)
 
 RUN_MARKERS = ("checkpoints", "metrics.json", "config.yaml", "student.safetensors", "model.safetensors")
+LOCK = ".fdlight.lock"  # held (flock) by the process training the run; holds its pid
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
 # Settings that change how a run computes but not what: a resume may change them freely.
 RESUME_FREE = ("resume", "resume_allow_changes", "data.num_workers", "logger", "hydra")
@@ -107,11 +111,63 @@ def claim(cfg: DictConfig, run_dir: Path, checkpointed: bool = True, dir_key: st
     if not checkpointed:  # a stage of steps (the pipeline) resumes each step from its own directory
         return Claim(run_dir)
     ckpt = run_dir / "checkpoints" / "last.ckpt" if cfg.resume is True else Path(str(cfg.resume)).expanduser()
+    if cfg.resume is True and not ckpt.exists() and (run_dir / "config.yaml").is_file():
+        log.info("run %s stopped before its first checkpoint: training it again from step 0 with its own settings",
+                 run_dir)
+        return Claim(run_dir)
     check(ckpt.is_file(), f"resume={setting(cfg.resume)}: no checkpoint at {ckpt}; pass resume=<path to a .ckpt> or "
                           f"resume=true with {dir_key} set to the run to continue")
     check(readable_checkpoint(ckpt), f"resume={setting(cfg.resume)}: {ckpt} is not a complete checkpoint (truncated or "
                                      f"not written by torch.save); pass resume=<path to another .ckpt>")
     return Claim(run_dir, ckpt)
+
+
+@contextlib.contextmanager
+def exclusive(run_dir: Path, dir_key: str = "hydra.run.dir"):
+    """Hold the run directory for one process while the block runs: an flock on its lock file, which the kernel
+    releases when the process ends however it ends (a killed run leaves no stale lock). A second process is refused,
+    naming the first. Ranks other than 0 are rank 0's: they take nothing."""
+    if is_secondary_rank():
+        yield
+        return
+    made = not run_dir.exists()
+    path = run_dir / LOCK
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        fd = hold(path, run_dir, dir_key)
+    except OSError as e:
+        raise disk_error(run_dir, e, "the run directory ") from e
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a process waiting on this file sees it go and takes a new one
+        os.close(fd)
+        if made:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only if empty: a start that failed leaves no directory
+
+
+def hold(path: Path, run_dir: Path, dir_key: str) -> int:
+    """Lock `path` (made if absent) and write this process's id in it; the open file's descriptor."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise FDLightError(f"run directory {run_dir} is being trained by another process "
+                               f"({'pid ' + holder if holder else 'starting up'}); wait for it to end or stop it, or "
+                               f"choose another {dir_key}=") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not a file its last holder removed as we opened it
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def readable_checkpoint(path: Path) -> bool:

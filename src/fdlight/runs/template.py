@@ -24,9 +24,10 @@ from fdlight.data.source import data_text, data_used
 from fdlight.data.listing import kept_in, save_listings
 from fdlight.errors import FDLightError
 from fdlight.runs.callbacks import Throughput
-from fdlight.runs.directory import Claim, claim, discard_new, is_secondary_rank, save_config
+from fdlight.runs.directory import Claim, claim, discard_new, exclusive, is_secondary_rank, save_config
 from fdlight.runs.gather import trained_state_dict
 from fdlight.runs.trainer import build_trainer, cpu_threads
+from fdlight.runs.world import accumulation, peers
 from fdlight.settings import check_sections
 
 log = logging.getLogger("fdlight")
@@ -88,22 +89,25 @@ class Stage:
         with cpu_threads(cfg, s):
             L.seed_everything(cfg.seed, workers=True, verbose=False)
             check_sections(cfg)
+            if s is not None and s.get("total_batch_size") is not None:
+                accumulation(cfg.trainer, s)  # a total the processes here cannot make up: one line, nothing written
             self.validate(cfg)
-            claimed = claim(cfg, run_dir, self.checkpointed)
-            if claimed.finished is not None:
-                with console_only():
-                    log.info("run %s is complete (%s steps); nothing to do (files left as they are)", run_dir,
-                             claimed.finished.get("steps", "all"))
-                return claimed.finished
-            try:
-                with kept_in(run_dir):  # what a data source lists is kept in the run directory (fdlight.data.listing)
-                    built = self.build(cfg)
-                    if callbacks:
-                        built.callbacks = [*built.callbacks, *callbacks]
-                    metrics = self.execute(cfg, run_dir, built, claimed)
-            except FDLightError as e:
-                e.run_started = True
-                raise
+            with exclusive(run_dir):
+                claimed = claim(cfg, run_dir, self.checkpointed)
+                if claimed.finished is not None:
+                    with console_only():
+                        log.info("run %s is complete (%s steps); nothing to do (files left as they are)", run_dir,
+                                 claimed.finished.get("steps", "all"))
+                    return claimed.finished
+                try:
+                    with kept_in(run_dir):  # what a data source lists is kept in the run directory (data.listing)
+                        built = self.build(cfg)
+                        if callbacks:
+                            built.callbacks = [*built.callbacks, *callbacks]
+                        metrics = self.execute(cfg, run_dir, built, claimed)
+                except FDLightError as e:
+                    e.run_started = True
+                    raise
         return metrics
 
     def finish(self, run_dir: Path, metrics: dict, artifacts: list[Path]) -> None:
@@ -161,9 +165,14 @@ class TrainingStage(Stage):
             save_listings(run_dir)  # before other ranks start: they read rank 0's listing
         if claimed.resume_from is not None and not is_secondary_rank():
             (run_dir / "metrics.json").unlink(missing_ok=True)  # a complete run trained on is complete no longer
+        if trainer.is_global_zero and s.get("total_batch_size") is not None:  # how this machine makes up the total
+            n, k = trainer.world_size, trainer.accumulate_grad_batches
+            log.info("total batch %d: %d a device x %d process%s x %d accumulated", s.batch_size * n * k,
+                     s.batch_size, n, "es" * (n != 1), k)
         start = time.perf_counter()
         try:
-            val = self.fit(trainer, built, claimed.resume_from)
+            with peers(cfg.trainer):
+                val = self.fit(trainer, built, claimed.resume_from)
         except FDLightError as e:
             if trainer.global_step == 0 and claimed.resume_from is None and trainer.is_global_zero:
                 discard_new(run_dir, before)  # bad input found by the first batch (data.strict): no run to keep

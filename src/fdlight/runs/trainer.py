@@ -17,11 +17,9 @@ from fdlight.config import student_seed
 from fdlight.console import wandb_settings
 from fdlight.errors import FDLightError, check
 from fdlight.runs.callbacks import ResumeNote, RunCheckpoint, SeededSteps, progress_display
-
-
-def on_gpu(trainer_cfg: DictConfig) -> bool:
-    """Whether the trainer config runs on CUDA GPUs here (accelerator gpu/cuda, or auto with one visible)."""
-    return torch.cuda.is_available() and trainer_cfg.accelerator in ("auto", "gpu", "cuda")
+from fdlight.runs.log import ContinuousLog, RunLog
+from fdlight.runs.world import (  # noqa: F401 - on_gpu and world_size are read from here by the stages
+    Joined, accumulation, init_timeout, on_gpu, strategy_with_timeout, trainer_devices, world_size)
 
 
 @contextlib.contextmanager
@@ -44,7 +42,7 @@ def resolve_precision(trainer_cfg: DictConfig) -> str:
 
 def build_strategy(trainer_cfg: DictConfig, wrap_classes: set[type] | None):
     if trainer_cfg.strategy != "fsdp":
-        return trainer_cfg.strategy
+        return strategy_with_timeout(trainer_cfg.strategy, trainer_cfg)
     from lightning.pytorch.strategies import FSDPStrategy
 
     check(torch.cuda.is_available(), "trainer=fsdp shards over CUDA GPUs and none is visible; use trainer=cpu here, "
@@ -53,7 +51,7 @@ def build_strategy(trainer_cfg: DictConfig, wrap_classes: set[type] | None):
     return FSDPStrategy(auto_wrap_policy=set(wrap_classes),
                         activation_checkpointing_policy=set(wrap_classes) if trainer_cfg.activation_checkpointing
                         else None,
-                        sharding_strategy="FULL_SHARD", state_dict_type="full")
+                        sharding_strategy="FULL_SHARD", state_dict_type="full", timeout=init_timeout(trainer_cfg))
 
 
 def wandb_offline(logger_cfg: DictConfig) -> bool:
@@ -68,8 +66,7 @@ def build_logger(cfg: DictConfig, run_dir: Path, group: str | None = None):
     """The config's logger writing into the run directory; `group` puts a W&B run in a group (one per sweep), and
     then starts it as a run of its own beside any other in this process."""
     if cfg.logger.name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-        return CSVLogger(save_dir=str(run_dir), name="logs")
+        return RunLog(run_dir)
     if cfg.logger.name == "wandb":
         from lightning.pytorch.loggers import WandbLogger
         lg = cfg.logger
@@ -87,21 +84,6 @@ def build_logger(cfg: DictConfig, run_dir: Path, group: str | None = None):
     raise FDLightError(f"unknown logger {cfg.logger.name!r}; use logger=csv or logger=wandb")
 
 
-def world_size(trainer_cfg: DictConfig) -> int:
-    """Processes the trainer config asks for, as Lightning reads `devices`: a count (-1, or auto on a GPU: every
-    visible GPU), or a list of device ids ([0, 1] or "0,1")."""
-    d = trainer_cfg.devices
-    if OmegaConf.is_list(d) or isinstance(d, (list, tuple)):
-        devices = len(d)
-    elif isinstance(d, str) and "," in d:
-        devices = len([i for i in d.split(",") if i.strip()])
-    elif str(d).lstrip("-").isdigit() and int(d) >= 0:
-        devices = int(d)
-    else:  # -1 or auto
-        devices = max(torch.cuda.device_count(), 1) if on_gpu(trainer_cfg) else 1
-    return devices * int(trainer_cfg.num_nodes)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint files written through fdlight.artifacts: never a partial .ckpt under the real name."""
 
@@ -111,21 +93,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def build_trainer(cfg: DictConfig, stage_cfg: DictConfig, run_dir: Path, callbacks=(), wrap_classes=None,
                   checkpoint_every: int | None = None, validate: bool = False, checkpoint: bool = True,
-                  logger=None, checkpoint_io: TorchCheckpointIO | None = None) -> L.Trainer:
+                  logger=None, checkpoint_io: TorchCheckpointIO | None = None, logs=()) -> L.Trainer:
     """The stage's Lightning Trainer. With `validate`, `<stage>.val_every_n_epochs` sets how often (0: only after
     training, which the stage runs itself). `logger` (default: the config's, in the run directory) and
-    `checkpoint_io` (default: atomic writes) replace the run's own (a shared-teacher sweep logs and saves per job)."""
+    `checkpoint_io` (default: atomic writes) replace the run's own (a shared-teacher sweep logs and saves per job;
+    `logs`: its jobs' CSV logs, kept continuous across a resume as a run's own is)."""
     t = cfg.trainer
+    logger = build_logger(cfg, run_dir) if logger is None else logger
     max_epochs = int(stage_cfg.epochs)
     val_every = int(stage_cfg.get("val_every_n_epochs", 1)) or max_epochs + 1
     ckpt = [RunCheckpoint(run_dir / "checkpoints", checkpoint_every or None)] if checkpoint else []  # off: benchmarks
     settings = dict(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        accelerator=t.accelerator, devices=trainer_devices(t), num_nodes=t.num_nodes,
         strategy=build_strategy(t, wrap_classes), precision=resolve_precision(t),
         max_epochs=max_epochs, max_steps=int(stage_cfg.get("max_steps", -1)), enable_checkpointing=checkpoint,
-        accumulate_grad_batches=int(t.accumulate_grad_batches),
-        logger=build_logger(cfg, run_dir) if logger is None else logger,
-        callbacks=[*ckpt, progress_display(), ResumeNote(), SeededSteps(student_seed(cfg)), *callbacks],
+        accumulate_grad_batches=accumulation(t, stage_cfg),
+        logger=logger,
+        callbacks=[*ckpt, progress_display(), ResumeNote(), SeededSteps(student_seed(cfg)), Joined(),
+                   ContinuousLog(lg for lg in [logger, *logs] if isinstance(lg, RunLog)), *callbacks],
         plugins=[checkpoint_io or AtomicCheckpointIO()],
         log_every_n_steps=int(stage_cfg.get("log_every_n_steps", 10)),
         limit_val_batches=None if validate else 0, num_sanity_val_steps=0, check_val_every_n_epoch=val_every,

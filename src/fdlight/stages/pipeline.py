@@ -67,7 +67,7 @@ def run_step(name: str, sub: DictConfig, run_dir: Path, resume: bool) -> dict:
     if resume and (step_dir / "metrics.json").is_file():
         log.info("pipeline step %s: %s already done, reusing %s", NUMBERS[name], LABELS[name], step_dir)
         return json.loads((step_dir / "metrics.json").read_text())
-    sub.resume = bool(resume and (step_dir / "checkpoints" / "last.ckpt").is_file())
+    sub.resume = bool(resume and (step_dir / "config.yaml").is_file())  # started: continued, or begun again
     announce(name, sub.stage, step_dir)
     start = time.perf_counter()
     metrics = STEP_STAGES[sub.stage].run(sub, step_dir)

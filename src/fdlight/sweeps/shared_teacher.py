@@ -28,10 +28,11 @@ from fdlight.models.teachers import build_teacher
 from fdlight.modules.distill import FeatureDistillation
 from fdlight.modules.shared import SharedTeacherDistillation, merge_checkpoints, split_checkpoint
 from fdlight.runs.callbacks import Throughput
-from fdlight.runs.directory import Claim, claim, is_secondary_rank, save_config
+from fdlight.runs.directory import Claim, claim, exclusive, is_secondary_rank, save_config
 from fdlight.runs.gather import full_state_dict
 from fdlight.runs.template import Training, worker_error
 from fdlight.runs.trainer import AtomicCheckpointIO, build_logger, build_trainer, cpu_threads, on_gpu
+from fdlight.runs.world import peers
 from fdlight.settings import check_sections
 from fdlight.stages.distill import STAGE as DISTILL, distill_data
 from fdlight.sweeps.rules import Job, check_jobs
@@ -219,23 +220,26 @@ def run(jobs: list[Job]) -> list[dict]:
                 DISTILL.validate(job.cfg)
             except FDLightError as e:
                 raise FDLightError(f"{job.label}: {e}") from None
-        if lead.resume:
-            settle([j.run_dir for j in jobs])
-        claims = claim_all(jobs)
-        if claims[0].finished is not None:
-            log.info("the sweep's %d jobs are complete; nothing to do (files left as they are)", len(jobs))
-            return [c.finished for c in claims]
-        log.info("%d jobs in one process, one teacher forward and one data stream for all:", len(jobs))
-        for job in jobs:
-            log.info("  %s -> %s", job.label, job.run_dir)
         new = [j.run_dir for j in jobs if not j.run_dir.exists()]
-        with job_log_files(jobs), console_job():
-            try:
-                return train(jobs, claims)
-            except FDLightError as e:
-                error = e  # a first batch that fails (data.strict) leaves no job directory, as a run leaves none
-                error.run_started = any(c.resume_from for c in claims) or any(
-                    (j.run_dir / "checkpoints" / "last.ckpt").exists() for j in jobs)
+        with contextlib.ExitStack() as held:
+            for job in jobs:  # one process per job directory, as for a run of its own
+                held.enter_context(exclusive(job.run_dir, dir_key="hydra.sweep.dir"))
+            if lead.resume:
+                settle([j.run_dir for j in jobs])
+            claims = claim_all(jobs)
+            if claims[0].finished is not None:
+                log.info("the sweep's %d jobs are complete; nothing to do (files left as they are)", len(jobs))
+                return [c.finished for c in claims]
+            log.info("%d jobs in one process, one teacher forward and one data stream for all:", len(jobs))
+            for job in jobs:
+                log.info("  %s -> %s", job.label, job.run_dir)
+            with job_log_files(jobs), console_job():
+                try:
+                    return train(jobs, claims)
+                except FDLightError as e:
+                    error = e  # a first batch that fails (data.strict) leaves no job directory, as a run leaves none
+                    error.run_started = any(c.resume_from for c in claims) or any(
+                        (j.run_dir / "checkpoints" / "last.ckpt").exists() for j in jobs)
         if not error.run_started and not is_secondary_rank():
             for d in new:
                 shutil.rmtree(d, ignore_errors=True)
@@ -251,14 +255,16 @@ def train(jobs: list[Job], claims: list[Claim]) -> list[dict]:
     trainer = build_trainer(lead, s, dirs[0], callbacks=[meter, JobLogs(loggers, int(s.log_every_n_steps))],
                             wrap_classes=block_classes(lead.student),
                             checkpoint_every=s.get("checkpoint_every_n_steps"),
-                            logger=False, checkpoint_io=JobCheckpoints(dirs))
+                            logger=False, checkpoint_io=JobCheckpoints(dirs), logs=loggers)
     for job, c in zip(jobs, claims):
         save_config(job.cfg, job.run_dir)
         if c.resume_from is not None and not is_secondary_rank():
             (job.run_dir / "metrics.json").unlink(missing_ok=True)
     start = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=str(claims[0].resume_from) if claims[0].resume_from else None)
+        with peers(lead.trainer):
+            trainer.fit(module, datamodule=data,
+                        ckpt_path=str(claims[0].resume_from) if claims[0].resume_from else None)
     except torch.OutOfMemoryError:
         raise FDLightError(f"{len(jobs)} students and the teacher do not fit on the device; share the teacher among "
                            f"fewer jobs at a time with hydra.sweeper.max_batch_size=N, or lower distill.batch_size") \

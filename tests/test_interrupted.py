@@ -1,0 +1,108 @@
+"""Runs stopped from outside, with real processes and real signals: one process per run directory (a second one is
+refused, naming the first; a killed one's lock goes with it), Ctrl-C says which step the kept checkpoint holds, and a
+run killed before its first checkpoint starts again from step 0 with resume=true and ends as if never stopped, its
+CSV log one file with every step once."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY, run_cli, run_stage
+from fdlight.runs.directory import LOCK, exclusive
+from test_resume import assert_same_weights, checkpoint_step, kill_session, logged_steps
+
+# a run long enough to be caught training: a checkpoint every 2 steps, thousands of steps in all
+LONG = [*TINY, "data.num_train=64", "distill.batch_size=8", "distill.epochs=1000", "distill.checkpoint_every_n_steps=2",
+        "distill.num_threads=1"]
+
+
+def start(args, run_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "fdlight", *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def wait_for(proc: subprocess.Popen, ready, what: str) -> None:
+    deadline = time.time() + 300
+    while not ready():
+        if proc.poll() is not None or time.time() > deadline:
+            kill_session(proc.pid)
+            raise AssertionError(f"the run ended or ran out of time before {what}: {proc.communicate()[0][-3000:]}")
+        time.sleep(0.02)
+
+
+def one_error(res) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("fdlight: error:")]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.xdist_group("processes")
+def test_a_second_process_on_a_training_run_is_refused_naming_the_first(tmp_path):
+    run = tmp_path / "run"
+    first = start(LONG, run)
+    try:
+        wait_for(first, lambda: checkpoint_step(run / "checkpoints" / "last.ckpt") is not None, "its first checkpoint")
+        line = one_error(run_cli([*LONG, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path, timeout=120))
+        assert f"run directory {run} is being trained by another process (pid {first.pid})" in line
+        assert first.poll() is None  # the first one trains on
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        kill_session(first.pid)
+        first.wait()
+    # the kernel released the killed process's lock with it: its file is still there, and this process takes it
+    assert (run / LOCK).read_text().strip() == str(first.pid)
+    with exclusive(run):
+        assert (run / LOCK).read_text().strip() == str(os.getpid())
+    assert not (run / LOCK).exists()
+
+
+@pytest.mark.xdist_group("processes")
+def test_ctrl_c_says_which_step_the_kept_checkpoint_holds_and_resume_continues_one_log(tmp_path):
+    run, args = tmp_path / "run", [*LONG, "distill.max_steps=150"]
+    proc = start(args, run)
+    last = run / "checkpoints" / "last.ckpt"
+    wait_for(proc, lambda: (checkpoint_step(last) or 0) >= 4, "its checkpoint of step 4")
+    os.kill(proc.pid, signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    kill_session(proc.pid)
+    kept = checkpoint_step(last)
+    said = [ln for ln in out.splitlines() if ln.startswith("stopped at step")]
+    assert len(said) == 1, out[-3000:]
+    assert said[0].endswith(f"{last} holds step {kept}, and resume=true continues from it")
+    assert not (run / "metrics.json").exists()
+    res = run_cli([*args, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert res.returncode == 0 and f"resuming at step {kept} of 150" in res.stdout, res.stderr[-3000:]
+    assert logged_steps(run) == list(range(150))  # the steps logged after the checkpoint were replaced, not repeated
+
+
+@pytest.mark.xdist_group("processes")
+def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_if_never_stopped(tmp_path):
+    args = [*TINY, "data.num_train=64", "distill.batch_size=8", "distill.epochs=2",
+            "distill.checkpoint_every_n_steps=0", "distill.num_threads=1"]
+    reference = tmp_path / "reference"
+    run_stage(args[len(TINY):], reference)  # the same run left alone (in this process)
+    run = tmp_path / "run"
+    proc = start(args, run)
+    wait_for(proc, lambda: (run / "config.yaml").is_file(), "its config.yaml")
+    os.kill(proc.pid, signal.SIGKILL)
+    kill_session(proc.pid)
+    proc.wait()
+    assert not (run / "checkpoints" / "last.ckpt").exists() and not (run / "metrics.json").exists()
+    res = run_cli([*args, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    said = [ln for ln in (res.stdout + res.stderr).splitlines() if "before its first checkpoint" in ln]
+    assert len(said) == 1 and said[0].endswith("training it again from step 0 with its own settings"), said
+    assert_same_weights(reference / "student.safetensors", run / "student.safetensors")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == json.loads((reference / "metrics.json").read_text())["steps"] == 16
+    assert logged_steps(run) == list(range(16))
+
