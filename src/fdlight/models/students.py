@@ -73,16 +73,29 @@ def build_student(cfg: DictConfig, drop_path: float = 0.0, num_classes: int | No
     kwargs.update(overrides)
     kwargs["drop_path_rate"] = check_drop_path(drop_path, "drop_path.student")
     if init != "fd" or torch.get_default_device().type == "meta":
-        model = create_model(cfg.model, pretrained=False, **kwargs)
+        model = create_student(cfg, kwargs)
         if init == "fd" and not _on_meta(model):
             fd_init(model)
         return distilled_cfg(model, cfg.img_size)
     with SkipRandomInit() as skipped:  # the FD init redraws what timm's own init would draw: skip timm's draws
-        model = create_model(cfg.model, pretrained=False, **kwargs)
+        model = create_student(cfg, kwargs)
     if skipped.unreplaced(model, fd_init(model)):  # an architecture whose own init draws more than the FD init
         model = create_model(cfg.model, pretrained=False, **kwargs)
         fd_init(model)
     return distilled_cfg(model, cfg.img_size)
+
+
+def create_student(cfg: DictConfig, kwargs: dict) -> nn.Module:
+    """timm's model; a shipped FD config's kwargs on another family (student.model=convnext_atto) are refused in
+    one line that points at student=timm."""
+    try:
+        return create_model(cfg.model, pretrained=False, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise FDLightError(f"student={cfg.name} describes an FD ViT/SwinV2 and its kwargs do not fit "
+                           f"student.model={cfg.model} ({e}); to distil into any timm model use student=timm "
+                           f"student.name={cfg.model}") from None
 
 
 def student_layout(cfg: DictConfig, model: nn.Module) -> TokenLayout:

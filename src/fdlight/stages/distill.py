@@ -40,9 +40,10 @@ def declared_layout(c: DictConfig, who: str) -> TokenLayout | None:
 
 
 def students_with_grid(grid: int) -> list[str]:
-    """Shipped student configs whose declared token grid is `grid`."""
+    """Shipped student configs whose declared token grid is `grid` (student=timm declares none)."""
     return [name for name in group_choices("student")
-            if (lambda c: int(c.img_size) // int(c.patch_size))(group_config("student", name)) == grid]
+            if (lambda c: c.patch_size is not None and int(c.img_size) // int(c.patch_size) == grid)(
+                group_config("student", name))]
 
 
 class Distill(TrainingStage):
