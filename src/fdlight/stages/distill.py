@@ -118,7 +118,7 @@ class Distill(TrainingStage):
             return [save_module(state, run_dir / "student.safetensors", self.student, teacher_label(cfg))]
         kwargs = student_kwargs(cfg.student)
         written = [export_timm(state, run_dir / "student.safetensors", cfg.student.model, kwargs,
-                               teacher=teacher_label(cfg), stage="distill"),
+                               teacher=teacher_label(cfg), stage="distill", img_size=int(cfg.student.img_size)),
                    export_hub(state, run_dir / "student", cfg.student.model, {**kwargs, "num_classes": 0},
                               int(cfg.student.img_size), model_card(cfg, built, run_dir, self.command))]
         if not built.module.single:
