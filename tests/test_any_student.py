@@ -27,7 +27,7 @@ FAST = ["distill.max_steps=2", "distill.batch_size=4", "data.num_workers=0"]
 # name -> (overrides, student grid); the tiny teacher's grid is 4x4 (+ CLS)
 STUDENTS = {
     "convnext": (["student.name=convnext_atto", "student.img_size=128"], 4),                       # equal grids
-    "resnet": (["student.name=resnet18", "student.img_size=64", "distill.align=teacher_to_student"], 2),
+    "resnet": (["student.name=resnet18", "student.img_size=64"], 2),  # student=timm: teacher_to_student by default
     "mobilenet": (["student.name=mobilenetv3_small_050", "student.img_size=64",
                    "distill.align=student_to_teacher"], 2),
     "vit_reg": (["student.name=vit_small_patch14_reg4_dinov2", "student.img_size=56", "+student.kwargs.depth=2",
@@ -156,7 +156,7 @@ def test_an_unknown_timm_name_is_one_line_exit_2_and_no_run_directory(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["student.name=resnet18", "student.img_size=64"],
+    (["student.name=resnet18", "student.img_size=64", "distill.align=null"],
      r"token grids differ: student 2x2 tokens \(64 px / 32\) vs teacher 4x4 \+ 1 prefix .*distill.align="
      r"teacher_to_student"),
     (["student.name=resnet18", "student.img_size=64", "distill.align=nearest"],

@@ -35,10 +35,11 @@ def check_module(module, who: str) -> None:
 
 
 def module_student(cfg, module: nn.Module) -> dict:
-    """The student section that describes a module of one's own (its layout is measured, not declared)."""
+    """The student section that describes a module of one's own: its layout is measured, not declared, and (as for
+    student=timm) distill.align defaults to resizing the teacher's map to its grid."""
     return dict(name=type(module).__name__, model=None, img_size=int(cfg.student.img_size), patch_size=None,
                 prefix_tokens=None, init="own", no_decay_keywords=["pos_embed", "cls_token", "reg_token"],
-                block_class=None, kwargs={})
+                align="teacher_to_student", block_class=None, kwargs={})
 
 
 def module_teacher(cfg, module: nn.Module) -> Teacher:
@@ -63,11 +64,12 @@ def distill(student: nn.Module | None = None, teacher: nn.Module | None = None, 
         check_module(student, "student")
     if teacher is not None:
         check_module(teacher, "teacher")
-    cfg = plain(compose(["stage=distill", *overrides]))
+    cfg = OmegaConf.create(OmegaConf.to_container(compose(["stage=distill", *overrides])))  # interpolations kept
     check(teacher is None or not several_teachers(cfg), "teacher= takes one module; a list of teachers runs from "
                                                         "the configs (teacher=[a,b])")
     if student is not None:
         cfg.student = module_student(cfg, student)
+    cfg = plain(cfg)  # distill.align's default now reads the student above
     wrapped = module_teacher(cfg, teacher) if teacher is not None else None
     run_dir = Path(run_dir) if run_dir is not None else \
         Path("runs/distill") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")

@@ -50,7 +50,8 @@ def distilled_cfg(model: nn.Module, img_size: int) -> nn.Module:
     cfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", None) or {}).items()
            if k not in ("hf_hub_id", "url", "tag", "test_input_size", "test_crop_pct", "license", "paper_ids",
                         "origin_url", "notes", "pool_size")}
-    cfg.update(input_size=(3, int(img_size), int(img_size)), mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD))
+    side = int(img_size[0] if isinstance(img_size, (tuple, list)) else img_size)
+    cfg.update(input_size=(3, side, side), mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD))
     model.pretrained_cfg = cfg
     return model
 
@@ -76,13 +77,13 @@ def build_student(cfg: DictConfig, drop_path: float = 0.0, num_classes: int | No
         model = create_student(cfg, kwargs)
         if init == "fd" and not _on_meta(model):
             fd_init(model)
-        return distilled_cfg(model, cfg.img_size)
+        return distilled_cfg(model, kwargs.get("img_size") or cfg.img_size)
     with SkipRandomInit() as skipped:  # the FD init redraws what timm's own init would draw: skip timm's draws
         model = create_student(cfg, kwargs)
     if skipped.unreplaced(model, fd_init(model)):  # an architecture whose own init draws more than the FD init
         model = create_model(cfg.model, pretrained=False, **kwargs)
         fd_init(model)
-    return distilled_cfg(model, cfg.img_size)
+    return distilled_cfg(model, kwargs.get("img_size") or cfg.img_size)
 
 
 def create_student(cfg: DictConfig, kwargs: dict) -> nn.Module:
