@@ -88,10 +88,9 @@ def downstream_kwargs(arch: Architecture, num_classes: int, drop_path: float, po
     return kw
 
 
-def input_size_of(model: nn.Module, arch: Architecture, img_size: int | None = None) -> nn.Module:
-    """Record in the model's pretrained_cfg the input side a model without a fixed one (a CNN) is used at: the
-    stage's own `img_size`, else the side its weights were trained at."""
-    side = img_size or arch.img_size
+def input_size_of(model: nn.Module, side: int | None) -> nn.Module:
+    """Record in the model's pretrained_cfg the input side a model without a fixed one (a CNN) is used at (a stage's
+    own size, else the one its weights were trained at); a fixed-size model keeps its own."""
     if side and not hasattr(model, "patch_embed"):
         model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, int(side), int(side))}
     return model
@@ -117,7 +116,7 @@ def build_from_pretrained(path: str | Path | None, num_classes: int, drop_path: 
     arch = arch or architecture_of(path, teacher_cfg, student_cfg)
     model = create_model(arch.timm_model, pretrained=False,
                          **downstream_kwargs(arch, num_classes, drop_path, pool, **overrides))
-    input_size_of(model, arch, overrides.get("img_size"))
+    input_size_of(model, overrides.get("img_size") or arch.img_size)
     if path is None:
         return model, arch
     sd = ADAPTERS[arch.adapter](read_state_dict(path))
