@@ -115,6 +115,19 @@ def test_grids_are_aligned_in_the_chosen_direction_and_left_alone_when_equal(one
     assert s2t.prefix_in_loss == {"tiny": False}
 
 
+def test_teacher_tokens_computed_once_serve_students_of_other_grids(one_thread):
+    """A shared-teacher sweep runs the teacher once for students that differ (grid, CLS): each pairs the tokens."""
+    x = torch.randn(2, 3, 64, 64)
+    resnet = build_distillation(compose(["student=timm", "student.name=resnet18", "student.img_size=64"])).eval()
+    deit = build_distillation(compose(["student=timm", "student.name=deit_tiny_patch16_224", "student.img_size=64",
+                                       "+student.kwargs.patch_size=8", "+student.kwargs.depth=1"])).eval()
+    with torch.no_grad():
+        shared = deit.teacher_tokens("tiny", x)
+        assert torch.equal(resnet.target_of("tiny", x, shared), resnet.target(x))  # 2x2, no CLS
+        assert torch.equal(deit.target_of("tiny", x, shared), deit.target(x))  # 8x8 + CLS
+        assert deit.target(x).shape == (2, 65, 64) and resnet.target(x).shape == (2, 4, 64)
+
+
 def test_prefix_tokens_are_distilled_only_when_the_student_has_a_matching_cls(one_thread):
     deit = ["student=timm", "student.name=deit_tiny_patch16_224", "student.img_size=32", "+student.kwargs.patch_size=8",
             "+student.kwargs.depth=1"]

@@ -280,12 +280,14 @@ def test_cli_prints_the_error_in_one_line(artifacts, tmp_path):
 def test_a_model_without_attention_gets_what_applies_and_one_line_on_what_it_left_out(artifacts, tmp_path, caplog):
     with caplog.at_level("INFO", logger="fdlight"):
         metrics = run(compose([*TINY, *FAST, listing(artifacts["resnet"], "teacher:tiny")]), tmp_path / "run")
-    resnet = metrics["checkpoints"]["resnet.safetensors"]
+    (name, resnet), = [(n, c) for n, c in metrics["checkpoints"].items() if c["kind"] != "teacher"]
+    (teacher,) = [c for c in metrics["checkpoints"].values() if c["kind"] == "teacher"]
     assert resnet["attn_distance_spread"] is None and resnet["head_kl_mean"] is None
     assert resnet["landscape_loss"] == "probe" and resnet["sharpness"] is not None  # the landscape is measured
-    assert metrics["checkpoints"]["teacher:tiny"]["attn_distance_spread"] is not None
+    assert teacher["attn_distance_spread"] is not None
     notes = [r.getMessage() for r in caplog.records if "no attention layers" in r.getMessage()]
-    assert notes == ["resnet.safetensors (ResNet) has no attention layers: its attention distance, head diversity, "
-                     "diagonality and maps are left out, its loss landscape is measured"]
-    assert "attention_maps_resnet.safetensors.png" not in {p.name for p in (tmp_path / "run").iterdir()}
-    assert {"attention_distance.png", "landscape.png"} <= {p.name for p in (tmp_path / "run").iterdir()}
+    assert notes == [f"{name} (ResNet) has no attention layers: its attention distance, head diversity, diagonality "
+                     f"and maps are left out, its loss landscape is measured"]
+    written = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"attention_distance.png", "landscape.png"} <= written
+    assert [n for n in written if n.startswith("attention_maps_")] == ["attention_maps_teacher_tiny.png"]

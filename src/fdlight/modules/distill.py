@@ -213,11 +213,15 @@ class FeatureDistillation(TrainingModule):
 
     @torch.no_grad()
     def teacher_tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One teacher's tokens in the loss, before whitening, for an ImageNet-normalised batch at the student's
-        resolution, on the student's token grid."""
+        """One teacher's every token (prefix + its own grid), before whitening, for an ImageNet-normalised batch at
+        the student's resolution: what a shared-teacher sweep computes once for students of any grid."""
         teacher = self.teachers[name]
-        t = teacher(self.teacher_input(x, name).to(teacher.mean.dtype))
-        prefix = teacher.layout.prefix_tokens
+        return teacher(self.teacher_input(x, name).to(teacher.mean.dtype))
+
+    def paired(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A teacher's tokens as this student's loss pairs them: its prefix dropped unless the student has as many,
+        its map resized to the student's grid when that side is resampled."""
+        prefix = self.teachers[name].layout.prefix_tokens
         if not self.prefix_in_loss[name]:
             t, prefix = t[:, prefix:], 0
         if self.resample_teacher[name]:
@@ -227,7 +231,7 @@ class FeatureDistillation(TrainingModule):
     @torch.no_grad()
     def target_of(self, name: str, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """One teacher's whitened tokens (`tokens`: its teacher_tokens, when already computed)."""
-        return self.head(name)[1](self.teacher_tokens(name, x) if tokens is None else tokens)
+        return self.head(name)[1](self.paired(name, self.teacher_tokens(name, x) if tokens is None else tokens))
 
     def targets(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every teacher's target, one teacher after the other on the same batch."""
@@ -241,7 +245,7 @@ class FeatureDistillation(TrainingModule):
         if not self.prefix_in_loss[name]:
             tokens = tokens[:, self.student_layout.prefix_tokens:]
         pred = self.head(name)[0](tokens)
-        if self.resample_student[name]:  # after the 1x1 projector: the same map (both are linear), fewer channels
+        if self.resample_student[name]:  # after the 1x1 projector (both linear: the same map), on fewer channels
             prefix = self.student_layout.prefix_tokens if self.prefix_in_loss[name] else 0
             pred = resample_grid(pred, prefix, self.teachers[name].layout.grid)
         return pred
