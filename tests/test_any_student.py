@@ -17,6 +17,7 @@ import fdlight
 from conftest import compose, run_cli, run_stage
 from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
+from fdlight.models.exports import load_student, pooled_features
 from fdlight.models.factory import create_model
 from fdlight.models.layout import resample_grid
 from fdlight.models.students import block_classes, build_student
@@ -90,6 +91,12 @@ def test_every_export_folder_loads_in_plain_timm_with_the_features_fdlight_train
         assert "library_name: timm" in card and "| teacher | tiny |" in card
         assert f"| images seen | 8 (2 steps of 4 x 1 devices) |" in card
         assert f"{metrics['first_loss']:.4f} -> {metrics['last_loss']:.4f}" in card
+    # the one loader for later stages: the run, its folder and its safetensors give the same pooled features
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled = [pooled_features(load_student(p), x) for p in
+                  (runs["resnet"], runs["resnet"] / "student", runs["resnet"] / "student.safetensors")]
+    assert pooled[0].shape == (2, 512) and all(torch.allclose(pooled[0], p, atol=1e-5) for p in pooled)
     # the export holds the trained weights (the final checkpoint's student), not a fresh init
     ckpt = torch.load(runs["convnext"] / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     exported = load_file(str(runs["convnext"] / "student" / "model.safetensors"))

@@ -45,6 +45,32 @@ def export_hub(state: dict, folder: str | Path, timm_name: str, timm_kwargs: dic
     return Path(folder)
 
 
+def load_student(path: str | Path) -> nn.Module:
+    """A distilled student in eval mode, from its run directory, its `student/` folder (read by timm itself) or its
+    `student.safetensors` (timm name and kwargs in the metadata)."""
+    import timm
+
+    path = Path(path)
+    if (path / "student" / "config.json").is_file():
+        path = path / "student"
+    if (path / "config.json").is_file():
+        return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    check(path.suffix == ".safetensors" and path.is_file(), f"{path} is neither a distill run directory, its student/ "
+                                                            f"folder nor a student.safetensors")
+    meta = read_export_metadata(path)
+    check("timm_model" in meta, f"{path} names no timm model in its metadata (a module of one's own?); load it into "
+                                f"the module that wrote it")
+    model = create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
+    model.load_state_dict(read_state_dict(path))
+    return model.eval()
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C) image embeddings: timm's own pooling of the final map (the model's global_pool: average for a CNN,
+    the CLS token or the mean of the tokens for a ViT), before any classifier."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
 def save_task_model(state: dict, path: Path, task: str, arch: Architecture, timm_kwargs: dict, head: dict,
                     **extra) -> None:
     """The whole model's weights (backbone + neck + head), with what rebuilds it in the metadata."""

@@ -60,7 +60,8 @@ def pyramid_levels(model: nn.Module) -> list[int]:
 
 class Backbone(nn.Module):
     """A timm ViT or hierarchical model as four NCHW maps. ViT: tokens after blocks `indices` (prefix tokens
-    dropped); any other: its maps at strides 4-32, through forward_intermediates. Layers past the last map, the final norm and the classifier are pruned (they would get no gradient)."""
+    dropped); any other: its maps at strides 4-32, through forward_intermediates. Layers past the last map, the final
+    norm and the classifier are pruned (they would get no gradient)."""
 
     def __init__(self, model: nn.Module, indices=None):
         super().__init__()

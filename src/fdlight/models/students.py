@@ -72,7 +72,9 @@ def build_student(cfg: DictConfig, drop_path: float = 0.0, num_classes: int | No
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     kwargs.update(overrides)
-    kwargs["drop_path_rate"] = check_drop_path(drop_path, "drop_path.student")
+    rate = check_drop_path(drop_path, "drop_path.student")
+    if rate:  # timm's default is 0; a model without drop path (VGG) then builds too
+        kwargs["drop_path_rate"] = rate
     if init != "fd" or torch.get_default_device().type == "meta":
         model = create_student(cfg, kwargs)
         if init == "fd" and not _on_meta(model):
@@ -94,6 +96,9 @@ def create_student(cfg: DictConfig, kwargs: dict) -> nn.Module:
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise
+        if cfg.get("patch_size") is None:  # student=timm: a kwarg the user passed, or a drop path it has no place for
+            raise FDLightError(f"timm's {cfg.model} does not take this argument ({e}); drop it from student.kwargs "
+                               f"(drop_path_rate: set drop_path.student=0)") from None
         raise FDLightError(f"student={cfg.name} describes an FD ViT/SwinV2 and its kwargs do not fit "
                            f"student.model={cfg.model} ({e}); to distil into any timm model use student=timm "
                            f"student.name={cfg.model}") from None
