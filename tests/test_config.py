@@ -11,6 +11,7 @@ from fdlight.settings import check_sections
 GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger")
 NEEDS = {  # choices that need a value from the user to be complete
     ("teacher", "timm"): ["teacher.name=vit_small_patch16_224"],
+    ("student", "timm"): ["student.name=resnet50"],
     ("teacher", "open_clip"): ["teacher.name=ViT-B-16"],
     ("data", "imagenet"): ["data.root=/data/imagenet"],
     ("data", "shards"): ["data.root=/data/imagenet-shards"],

@@ -241,7 +241,6 @@ def test_fused_attention_restored_after_a_failing_diagnosis():
 
 
 BAD = {
-    "no_attention": (lambda a: [listing(a["resnet"])], "has no attention layers"),
     "unreadable_safetensors": (lambda a: [listing(a["junk_st"])], "cannot read checkpoint"),
     "unreadable_pt": (lambda a: [listing(a["junk_pt"])], "cannot read weights file"),
     "missing": (lambda a: [listing(a["root"] / "nope.safetensors")], "does not exist"),
@@ -274,7 +273,23 @@ def test_empty_image_folder_is_one_line(tmp_path):
 
 
 def test_cli_prints_the_error_in_one_line(artifacts, tmp_path):
-    res = run_cli([*TINY, *FAST, listing(artifacts["resnet"]), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    res = run_cli([*TINY, *FAST, listing(artifacts["junk_st"]), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     lines = [line for line in res.stderr.splitlines() if line.startswith("fdlight: error:")]
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
-    assert "resnet.safetensors" in lines[0] and "no attention layers" in lines[0]
+    assert str(artifacts["junk_st"].name) in lines[0] and "cannot read checkpoint" in lines[0]
+
+
+def test_a_model_without_attention_gets_what_applies_and_one_line_on_what_it_left_out(artifacts, tmp_path, caplog):
+    with caplog.at_level("INFO", logger="fdlight"):
+        metrics = run(compose([*TINY, *FAST, listing(artifacts["resnet"], "teacher:tiny")]), tmp_path / "run")
+    (name, resnet), = [(n, c) for n, c in metrics["checkpoints"].items() if c["kind"] != "teacher"]
+    (teacher,) = [c for c in metrics["checkpoints"].values() if c["kind"] == "teacher"]
+    assert resnet["attn_distance_spread"] is None and resnet["head_kl_mean"] is None
+    assert resnet["landscape_loss"] == "probe" and resnet["sharpness"] is not None  # the landscape is measured
+    assert teacher["attn_distance_spread"] is not None
+    notes = [r.getMessage() for r in caplog.records if "no attention layers" in r.getMessage()]
+    assert notes == [f"{name} (ResNet) has no attention layers: its attention distance, head diversity, diagonality "
+                     f"and maps are left out, its loss landscape is measured"]
+    written = {p.name for p in (tmp_path / "run").iterdir()}
+    assert {"attention_distance.png", "landscape.png"} <= written
+    assert [n for n in written if n.startswith("attention_maps_")] == ["attention_maps_teacher_tiny.png"]

@@ -7,10 +7,10 @@ import re
 
 import pytest
 import timm
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from conftest import TINY, compose
-from fdlight.errors import FDLightError
 from fdlight.layer_decay import layer_ids
 from fdlight.models.pretrained import Architecture, build_from_pretrained
 from fdlight.models.students import build_student, student_kwargs
@@ -50,9 +50,25 @@ def test_swin_layer_ids_put_each_patch_merging_with_the_last_block_before_it():
     assert set(expected) <= names  # the names are timm's real ones
 
 
-def test_a_model_without_vit_or_swin_layers_is_refused_with_the_key_that_turns_decay_off():
-    with pytest.raises(FDLightError, match=r"not ResNet; set finetune.layer_decay=1.0 for this model"):
-        layer_ids(timm.create_model("resnet10t", num_classes=0))
+def test_any_other_timm_model_is_numbered_by_its_group_matcher():
+    layer_of, num_layers = layer_ids(timm.create_model("resnet10t", num_classes=10))
+    assert num_layers == 6  # stem, 4 blocks, the head
+    expected = {"conv1.0.weight": 0, "bn1.weight": 0, "layer1.0.conv1.weight": 1, "layer4.0.bn2.bias": 4,
+                "fc.weight": 5}
+    assert {name: layer_of(name) for name in expected} == expected
+    # EfficientNet's stages are named `blocks` like a ViT's: its stem must still come first, not with the head
+    layer_of, num_layers = layer_ids(timm.create_model("efficientnet_b0", num_classes=10))
+    assert layer_of("conv_stem.weight") == 0 and layer_of("classifier.weight") == num_layers - 1
+    assert 0 < layer_of("blocks.3.0.conv_pw.weight") < num_layers - 1
+
+
+def test_a_model_without_a_group_matcher_takes_one_rate_with_a_notice(caplog):
+    with caplog.at_level("WARNING", logger="fdlight"):
+        layer_of, num_layers = layer_ids(torch.nn.Sequential(torch.nn.Linear(2, 2)), "finetune.layer_decay")
+    assert num_layers == 1 and layer_of("0.weight") == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "Sequential has no group_matcher to number its layers by: finetune.layer_decay is not applied (one learning "
+        "rate for every layer)"]
 
 
 class RecordLrs(Callback):

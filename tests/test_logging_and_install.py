@@ -44,8 +44,8 @@ def test_console_of_a_wandb_run_in_a_file_is_plain_and_readable(tmp_path):
     assert "\x1b[" not in both and "anonymous" not in both
     assert "GPU available:" not in out and "stepping batches" not in out and "`Trainer.fit` stopped" not in out
     assert "Run history" not in both and "Run summary" not in both  # W&B's tables: quiet
-    assert out.splitlines()[-2].endswith(f"artifacts in {run_dir}: student.safetensors, checkpoints/last.ckpt, "
-                                         f"metrics.json")
+    assert out.splitlines()[-2].endswith(f"artifacts in {run_dir}: student.safetensors, student/, "
+                                         f"checkpoints/last.ckpt, metrics.json")
     assert out.splitlines()[-1].startswith(f"W&B (offline): `wandb sync {run_dir / 'wandb'}/offline-run-")
     log = (run_dir / "fdlight.log").read_text()
     assert "stepping batches" in log and "`Trainer.fit` stopped: `max_epochs=2` reached" in log

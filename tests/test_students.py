@@ -10,6 +10,7 @@ import torch
 
 import fdlight.models.registry  # noqa: F401 - registers the fd_vit_* names with timm
 from conftest import compose
+from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
 from fdlight.models.exports import export_timm
 from fdlight.models.patch_embed import PatchConv2d
@@ -150,6 +151,11 @@ def test_a_registered_tiny_student_equals_the_config_built_one_bitwise(tmp_path)
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert registered.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1)
     assert timm.create_model("fd_vit_tiny_patch8_32", img_size=64).patch_embed.grid_size == (8, 8)
+    # what FD trains it with (ImageNet's statistics, its own size), not the BEiT source's 0.5 or its hub weights
+    assert timm.create_model("fd_vit_tiny_patch8_32", img_size=64).pretrained_cfg["input_size"] == (3, 64, 64)
+    pcfg = registered.pretrained_cfg
+    assert (pcfg["mean"], pcfg["std"], pcfg["input_size"]) == (IMAGENET_MEAN, IMAGENET_STD, (3, 32, 32))
+    assert not {"hf_hub_id", "url", "tag"} & set(pcfg)
     export_timm(configured, tmp_path / "student.safetensors", cfg.model, {})
     loaded = timm.create_model("fd_vit_tiny_patch8_32", checkpoint_path=str(tmp_path / "student.safetensors"))
     assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in a.items())

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -102,6 +103,42 @@ def atomic_file(path: str | Path):
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path):
+    """Yield a temporary folder beside `path`; when the block ends without an error, fsync its files and rename it
+    to `path` (a folder already there, from an earlier export of the same run, is replaced whole). On any error the
+    temporary folder is removed and `path` is left as it was."""
+    path = Path(path)
+    tmp = old = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+        yield tmp
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(f, 0o644)
+        os.chmod(tmp, 0o755)
+        _fsync_dir(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except Exception as e:  # noqa: BLE001 - writers report a full disk in their own exception types
+        if old is not None and (old / path.name).exists() and not path.exists():
+            os.replace(old / path.name, path)  # the earlier export stays as it was
+        cause = os_error(e)
+        if cause is None:
+            raise
+        raise disk_error(path, cause) from e
+    finally:
+        for leftover in (tmp, old):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
 
 
 def write_text(path: str | Path, text: str) -> Path:

@@ -1,6 +1,7 @@
 """`python -m fdlight.bench`: time one distillation step of fdlight's own module on synthetic batches.
 
-Prints img/s, teacher vs student milliseconds, peak memory and model FLOPs utilisation (FLOPs counted with
+Prints img/s, teacher vs student milliseconds (the student with its projector(s), and alone: its own
+forward_features and backward), peak memory and model FLOPs utilisation (FLOPs counted with
 torch's FlopCounterMode on the real step, not estimated). Any config override may follow the flags, e.g.
 `python -m fdlight.bench --batch 128 --compile teacher=clip_vitb student=vit_b16`; several teachers run one after
 another on the same batch: `python -m fdlight.bench 'teacher=[clip_vitb,dino_vitb]'` (teacher_ms is all of them).
@@ -95,16 +96,23 @@ def main(argv=None) -> dict:
             sum(p.float().square().mean() for p in module.predictions(x).values()).backward()
         opt.zero_grad(set_to_none=True)
 
+    def student_alone():  # the student's own forward_features and backward, no projector: its floor in the step
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=bf16):
+            module.student.forward_features(x).float().square().mean().backward()
+        opt.zero_grad(set_to_none=True)
+
     # each part alone and eager (the step may be compiled), after warm-up calls of its own
     teacher_s = timed(teacher_only, max(args.steps // 2, 1), dev, warmup=max(args.warmup, 1))
     student_s = timed(student_only, max(args.steps // 2, 1), dev, warmup=max(args.warmup, 1))
+    alone_s = timed(student_alone, max(args.steps // 2, 1), dev, warmup=max(args.warmup, 1))
     ips = batch / step_s
     peak = peak_tflops(dev, args.peak_tflops)
     achieved = ips * flops_per_img / 1e12
     result = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", teacher=teacher_label(cfg),
                   student=cfg.student.name, batch=batch, compile=args.compile, img_per_s=round(ips, 1),
                   step_ms=round(step_s * 1e3, 2), teacher_ms=round(teacher_s * 1e3, 2),
-                  student_fwd_bwd_ms=round(student_s * 1e3, 2), peak_mem_gib=round(mem, 2),
+                  student_fwd_bwd_ms=round(student_s * 1e3, 2), student_alone_ms=round(alone_s * 1e3, 2),
+                  peak_mem_gib=round(mem, 2),
                   gflop_per_img=round(flops_per_img / 1e9, 2), tflops=round(achieved, 1),
                   mfu=round(achieved / peak, 3) if peak else None)
     print("fdlight.bench " + " ".join(f"{k}={v}" for k, v in result.items()))

@@ -32,12 +32,12 @@ from fdlight.config import group_choices, group_config, section, teacher_label
 from fdlight.data.folders import SafeImageFolder, class_folder
 from fdlight.data.synthetic import SyntheticClassification
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
-from fdlight.diagnostics.attention import check_has_attention
 from fdlight.errors import FDLightError, check
 from fdlight.models import official
 from fdlight.models.exports import load_segmenter
 from fdlight.models.factory import create_model
 from fdlight.models.layout import timm_layout
+from fdlight.models.pretrained import input_size_of
 from fdlight.models.students import build_student
 from fdlight.models.teachers import build_teacher
 from fdlight.models.weights import (
@@ -142,7 +142,6 @@ def load_subject(spec: str, cfg: DictConfig, name: str | None = None) -> Subject
         else:
             raise FDLightError(f"diagnose.checkpoints: {path} is not a checkpoint fdlight can read (expected a run "
                                f"directory, .safetensors, .ckpt, .pt, .pth or .bin)")
-    check_has_attention(subject.model, f"checkpoint {subject.source}")
     subject.model.eval()
     subject.name = given or display_name(subject)
     return subject
@@ -252,6 +251,7 @@ def exported_subject(path: Path, name: str) -> Subject:
         raise FDLightError(f"timm cannot build {meta['timm_model']!r} from the metadata of {path} "
                            f"({type(e).__name__}: {e}); check the timm version") from e
     _load_strict(model, read_state_dict(path), path, meta["timm_model"])
+    input_size_of(model, int(meta["img_size"]) if meta.get("img_size") else None)  # a CNN: the size it was trained at
     num_classes = int(getattr(model, "num_classes", 0) or 0)
     stage = meta.get("stage")
     run = distill_run(path.parent) if stage == "distill" else None

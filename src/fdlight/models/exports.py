@@ -1,5 +1,6 @@
 """What fdlight writes as model files and reads back: timm-loadable exports (a timm name and kwargs in the safetensors
-metadata) and whole task models (backbone + neck + head, with what rebuilds them)."""
+metadata; a folder in the Hugging Face hub layout that timm writes itself) and whole task models (backbone + neck +
+head, with what rebuilds them)."""
 from __future__ import annotations
 
 import json
@@ -8,11 +9,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fdlight.artifacts import save_safetensors
+from fdlight.artifacts import atomic_folder, save_safetensors
 from fdlight.errors import check
-from fdlight.models.factory import create_model
+from fdlight.models.factory import SkipRandomInit, create_model
 from fdlight.models.pretrained import Architecture
 from fdlight.models.pyramid import Backbone
+from fdlight.models.students import distilled_cfg
 from fdlight.models.upernet import UPerNet
 from fdlight.models.weights import read_export_metadata, read_state_dict
 
@@ -24,6 +26,49 @@ def export_timm(model: torch.nn.Module | dict, path: str | Path, timm_name: str,
     meta.update({k: str(v) for k, v in extra.items()})
     save_safetensors(model if isinstance(model, dict) else model.state_dict(), path, meta)
     return Path(path)
+
+
+def export_hub(state: dict, folder: str | Path, timm_name: str, timm_kwargs: dict, img_size: int, card: str) -> Path:
+    """A folder in the Hugging Face hub layout, written by timm's own `save_for_hf` (config.json with the
+    architecture, its model args and a pretrained_cfg carrying the input size and ImageNet's statistics the student
+    was distilled with; model.safetensors) plus `card` as README.md: `timm.create_model("local-dir:<folder>",
+    pretrained=True)` loads it with no fdlight import, and `push_to_hf_hub` uploads the same files."""
+    from timm.models import save_for_hf
+
+    with SkipRandomInit():  # every drawn weight is replaced by the state below
+        model = create_model(timm_name, pretrained=False, **timm_kwargs)
+    model.load_state_dict(state)
+    distilled_cfg(model, img_size)
+    with atomic_folder(folder) as tmp:
+        save_for_hf(model, str(tmp), safe_serialization=True)
+        (tmp / "README.md").write_text(card)
+    return Path(folder)
+
+
+def load_student(path: str | Path) -> nn.Module:
+    """A distilled student in eval mode, from its run directory, its `student/` folder (read by timm itself) or its
+    `student.safetensors` (timm name and kwargs in the metadata)."""
+    import timm
+
+    path = Path(path)
+    if (path / "student" / "config.json").is_file():
+        path = path / "student"
+    if (path / "config.json").is_file():
+        return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    check(path.suffix == ".safetensors" and path.is_file(), f"{path} is neither a distill run directory, its student/ "
+                                                            f"folder nor a student.safetensors")
+    meta = read_export_metadata(path)
+    check("timm_model" in meta, f"{path} names no timm model in its metadata (a module of one's own?); load it into "
+                                f"the module that wrote it")
+    model = create_model(meta["timm_model"], pretrained=False, **meta["timm_kwargs"])
+    model.load_state_dict(read_state_dict(path))
+    return model.eval()
+
+
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(B, C) image embeddings: timm's own pooling of the final map (the model's global_pool: average for a CNN,
+    the CLS token or the mean of the tokens for a ViT), before any classifier."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 def save_task_model(state: dict, path: Path, task: str, arch: Architecture, timm_kwargs: dict, head: dict,

@@ -1,6 +1,9 @@
 """The one place fdlight builds a timm model: timm's own builder, then the patch embedding computed as one GEMM."""
 from __future__ import annotations
 
+import inspect
+from functools import lru_cache
+
 import timm
 import torch
 import torch.nn as nn
@@ -15,6 +18,20 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     gemm_patch_embed(model)
     return model
+
+
+@lru_cache(maxsize=None)
+def takes_img_size(name: str) -> bool:
+    """Whether timm's class for `name` takes an `img_size` argument (ViTs, Swins do; CNNs do not), read from the
+    class of the model built on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    return "img_size" in inspect.signature(type(model).__init__).parameters
+
+
+def known_model(name: str) -> bool:
+    """Whether timm builds `name` (a `.tag` suffix allowed)."""
+    return name.split(".")[0] in timm.list_models() or name in timm.list_models(pretrained=True)
 
 
 _T, _I = torch.Tensor, nn.init

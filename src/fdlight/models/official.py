@@ -309,8 +309,9 @@ def _meta_model(name: str, kwargs: dict) -> torch.nn.Module | None:
 
 @lru_cache(maxsize=1)
 def shipped_students() -> tuple[tuple[str, DictConfig], ...]:
-    """conf/student/*.yaml as they ship."""
-    return tuple((name, group_config("student", name)) for name in group_choices("student"))
+    """conf/student/*.yaml as they ship, those of a fixed shape (student=timm names no model until it is given)."""
+    configs = ((name, group_config("student", name)) for name in group_choices("student"))
+    return tuple((name, c) for name, c in configs if not OmegaConf.is_missing(c, "name"))
 
 
 def student_config(spec: str) -> tuple[str, DictConfig]:

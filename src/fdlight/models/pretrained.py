@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fdlight.errors import FDLightError, check
 from fdlight.models import official
-from fdlight.models.factory import create_model
+from fdlight.models.factory import create_model, takes_img_size
 from fdlight.models.weights import (ADAPTERS, classifier_prefixes, is_torchscript, load_timm_state_dict,
                                     read_export_metadata, read_state_dict)
 
@@ -31,6 +31,7 @@ class Architecture:
     kwargs: dict = field(default_factory=dict)
     adapter: str | None = None
     layout: str | None = None  # how a file without fdlight metadata was read: an official layout, a teacher's
+    img_size: int | None = None  # the input side it was trained at, for a model whose kwargs do not say (a CNN)
 
 
 def architecture_of(path: str | Path, teacher_cfg: DictConfig | None = None,
@@ -43,7 +44,8 @@ def architecture_of(path: str | Path, teacher_cfg: DictConfig | None = None,
     if path.suffix == ".safetensors":
         meta = read_export_metadata(path)
         if "timm_model" in meta:
-            return Architecture(meta["timm_model"], dict(meta["timm_kwargs"]))
+            size = int(meta["img_size"]) if meta.get("img_size") else None
+            return Architecture(meta["timm_model"], dict(meta["timm_kwargs"]), img_size=size)
     raw = {} if is_torchscript(path) else read_state_dict(path, mmap=True)  # OpenAI's CLIP files are never official
     converted = official.convert(raw, path)
     if converted is not None:
@@ -81,7 +83,17 @@ def downstream_kwargs(arch: Architecture, num_classes: int, drop_path: float, po
     if arch.timm_model.startswith("beit"):
         kw.setdefault("head_init_scale", 0.001)  # official head init: trunc normal 0.02, then x 0.001
     kw.update(num_classes=num_classes, drop_path_rate=drop_path, **overrides)
+    if "img_size" in overrides and not takes_img_size(arch.timm_model.split(".")[0]):
+        kw.pop("img_size")  # a CNN takes any input size: the stage's transforms set it (input_size_of)
     return kw
+
+
+def input_size_of(model: nn.Module, side: int | None) -> nn.Module:
+    """Record in the model's pretrained_cfg the input side a model without a fixed one (a CNN) is used at (a stage's
+    own size, else the one its weights were trained at); a fixed-size model keeps its own."""
+    if side and not hasattr(model, "patch_embed"):
+        model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, int(side), int(side))}
+    return model
 
 
 def remap_shared_bias(sd: dict, depth: int) -> dict:
@@ -104,6 +116,7 @@ def build_from_pretrained(path: str | Path | None, num_classes: int, drop_path: 
     arch = arch or architecture_of(path, teacher_cfg, student_cfg)
     model = create_model(arch.timm_model, pretrained=False,
                          **downstream_kwargs(arch, num_classes, drop_path, pool, **overrides))
+    input_size_of(model, overrides.get("img_size") or arch.img_size)
     if path is None:
         return model, arch
     sd = ADAPTERS[arch.adapter](read_state_dict(path))

@@ -1,7 +1,8 @@
 """Multi-scale maps from a timm backbone for dense heads.
 
 `Backbone` turns a ViT (timm Beit / VisionTransformer) into the token maps of four blocks, all at the patch stride,
-or a Swin / SwinV2 into its four stages (strides 4-32). Two pyramids bring the ViT maps to strides 4, 8, 16, 32:
+or a hierarchical model (Swin, ConvNeXt, ResNet, EfficientNet: any timm model whose feature_info has maps at strides
+4, 8, 16, 32) into those four maps. Two pyramids bring the ViT maps to strides 4, 8, 16, 32:
 `BeitPyramid` (the BEiT/FD recipe for UPerNet: one block per level, deconvolutions up, max-pooling down) and
 `SimpleFeaturePyramid` (ViTDet, for Mask R-CNN: the last block only, then a 1x1 + 3x3 conv per level).
 `DetectionBackbone` gives torchvision's detectors the OrderedDict and `out_channels` they expect.
@@ -40,14 +41,32 @@ def _side(value) -> int:
     return int(value[0] if isinstance(value, (tuple, list)) else value)
 
 
+def is_vit(model: nn.Module) -> bool:
+    """A plain ViT: patch embedding and one stack of blocks at one stride (EfficientNet's stages are `blocks` too)."""
+    return hasattr(model, "blocks") and hasattr(model, "patch_embed") and not hasattr(model, "layers")
+
+
+def pyramid_levels(model: nn.Module) -> list[int]:
+    """The feature_info entries (forward_intermediates' indices) of the last map at each stride 4, 8, 16, 32."""
+    info = list(getattr(model, "feature_info", None) or [])
+    levels = {int(f["reduction"]): i for i, f in enumerate(info)}
+    if not all(s in levels for s in PYRAMID_STRIDES):
+        found = sorted(levels) or "none"
+        raise FDLightError(f"{type(model).__name__} has no feature maps at strides 4, 8, 16 and 32 (it has {found}); "
+                           f"dense stages need a ViT (blocks) or a hierarchical model such as a Swin, ConvNeXt or "
+                           f"ResNet")
+    return [levels[s] for s in PYRAMID_STRIDES]
+
+
 class Backbone(nn.Module):
-    """A timm ViT or Swin as four NCHW maps. ViT: tokens after blocks `indices` (prefix tokens dropped); Swin: its
-    stages. Layers past the last map, the final norm and the classifier are pruned (they would get no gradient)."""
+    """A timm ViT or hierarchical model as four NCHW maps. ViT: tokens after blocks `indices` (prefix tokens
+    dropped); any other: its maps at strides 4-32, through forward_intermediates. Layers past the last map, the final
+    norm and the classifier are pruned (they would get no gradient)."""
 
     def __init__(self, model: nn.Module, indices=None):
         super().__init__()
         self.model = model
-        self.is_vit = hasattr(model, "blocks")
+        self.is_vit = is_vit(model)
         if self.is_vit:
             depth = len(model.blocks)
             indices = default_indices(depth) if indices is None else [int(i) for i in indices]
@@ -60,20 +79,21 @@ class Backbone(nn.Module):
             self.patch_size = _side(model.patch_embed.patch_size)
             self.channels = [int(model.embed_dim)] * 4
             self.strides = [self.patch_size] * 4
-        elif hasattr(model, "layers"):
-            check(len(model.layers) == 4, f"a Swin backbone needs 4 stages, this one has {len(model.layers)}")
-            self.take, self.order = [0, 1, 2, 3], [0, 1, 2, 3]
+        else:  # a hierarchical model (Swin, ConvNeXt, ResNet, EfficientNet...): its feature pyramid, as timm lists it
+            self.take = pyramid_levels(model)
+            self.order = list(range(4))
+            info = [model.feature_info[i] for i in self.take]
             model.prune_intermediate_layers(self.take, prune_norm=True, prune_head=True)
-            self.channels = [int(f["num_chs"]) for f in model.feature_info]
-            self.strides = [int(f["reduction"]) for f in model.feature_info]
+            self.channels = [int(f["num_chs"]) for f in info]
+            self.strides = [int(f["reduction"]) for f in info]
             self.patch_size = self.strides[0]
-        else:
-            raise FDLightError(f"{type(model).__name__} is neither a ViT (blocks) nor a Swin (layers); dense stages "
-                               f"need a timm Beit, VisionTransformer, Swin or SwinV2 backbone")
-        self.img_size = _side(model.patch_embed.img_size)
+        pe = getattr(model, "patch_embed", None)
+        # a fixed-window model takes one input size; any other (a CNN) the size it is used at (pretrained_cfg)
+        self.fixed = getattr(pe, "img_size", None) is not None
+        self.img_size = _side(pe.img_size) if self.fixed else _side(model.pretrained_cfg["input_size"][-1])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if x.shape[-1] != self.img_size or x.shape[-2] != self.img_size:
+        if self.fixed and (x.shape[-1] != self.img_size or x.shape[-2] != self.img_size):
             raise FDLightError(f"the backbone takes {self.img_size}x{self.img_size} inputs (fixed window), got "
                                f"{x.shape[-2]}x{x.shape[-1]}; set the crop/image size to {self.img_size}")
         kw = dict(stop_early=True) if self.is_vit else {}

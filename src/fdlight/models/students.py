@@ -1,24 +1,59 @@
-"""Students: fresh timm models in the FD shape, their official init, and the classes FSDP wraps."""
+"""Students: fresh timm models (the FD shapes, or any timm model through its own feature interface), their init,
+the input statistics they are distilled with, and the classes FSDP wraps."""
 from __future__ import annotations
 
+import difflib
 import importlib
 import math
+import re
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
+from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError, check
-from fdlight.models.factory import SkipRandomInit, create_model
-from fdlight.models.layout import TokenLayout, checked_layout, timm_layout
+from fdlight.models.factory import SkipRandomInit, create_model, known_model, takes_img_size
+from fdlight.models.layout import TokenLayout, checked_layout, measured_layout, timm_layout
 
 
 INITS = ("fd", "timm")  # the official FD init of the student's family, or timm's own
 
 
 def student_kwargs(cfg: DictConfig) -> dict:
-    """The timm keyword arguments that rebuild this student's architecture (drop path excluded)."""
-    return OmegaConf.to_container(cfg.kwargs, resolve=True)
+    """The timm keyword arguments that rebuild this student's architecture (drop path excluded): the config's, and
+    its img_size when the model takes one and the config does not pass it itself (`student=timm`)."""
+    kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") else {}
+    if cfg.get("img_size") and "img_size" not in kwargs and takes_img_size(cfg.model.split(".")[0]):
+        kwargs["img_size"] = int(cfg.img_size)
+    return kwargs
+
+
+def check_student_model(cfg: DictConfig) -> None:
+    """The student's timm name is set and known to timm (a near miss is named)."""
+    import timm
+
+    check(not OmegaConf.is_missing(cfg, "name"), "student=timm needs a model: pass student.name=<timm model>, e.g. "
+                                                 "student.name=resnet50 (see timm.list_models())")
+    if known_model(str(cfg.model)):
+        return
+    close = difflib.get_close_matches(str(cfg.model), timm.list_models(), n=3, cutoff=0.75)
+    hint = f"did you mean {' or '.join(close)}?" if close else "see timm.list_models() for the names"
+    key = "student.name" if cfg.name == cfg.model else "student.model"
+    raise FDLightError(f"unknown timm model {cfg.model!r} for {key}; {hint}")
+
+
+def distilled_cfg(model: nn.Module, img_size: int) -> nn.Module:
+    """Record on the model what it is distilled with (timm's pretrained_cfg: the input size and ImageNet's
+    statistics, which every student's input is normalised with) instead of the source checkpoint's (BEiT's 0.5),
+    and forget the source's weights (hub id, url, tag): the student's weights are its own."""
+    cfg = {k: v for k, v in dict(getattr(model, "pretrained_cfg", None) or {}).items()
+           if k not in ("hf_hub_id", "url", "tag", "test_input_size", "test_crop_pct", "license", "paper_ids",
+                        "origin_url", "notes", "pool_size")}
+    side = int(img_size[0] if isinstance(img_size, (tuple, list)) else img_size)
+    cfg.update(input_size=(3, side, side), mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD))
+    model.pretrained_cfg = cfg
+    return model
 
 
 def check_drop_path(rate: float, key: str) -> float:
@@ -30,31 +65,52 @@ def check_drop_path(rate: float, key: str) -> float:
 
 def build_student(cfg: DictConfig, drop_path: float = 0.0, num_classes: int | None = None, **overrides) -> nn.Module:
     """A randomly initialised student. `num_classes`/`overrides` adapt it for fine-tuning stages."""
-    import timm
-
-    check(cfg.model.split(".")[0] in timm.list_models(), f"unknown timm model {cfg.model!r} for student {cfg.name!r}")
+    check_student_model(cfg)
     init = cfg.get("init", "timm")
     check(init in INITS, f"unknown student.init {init!r}; choose one of: {', '.join(INITS)}")
     kwargs = student_kwargs(cfg)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes
     kwargs.update(overrides)
-    kwargs["drop_path_rate"] = check_drop_path(drop_path, "drop_path.student")
+    rate = check_drop_path(drop_path, "drop_path.student")
+    if rate:  # timm's default is 0; a model without drop path (VGG) then builds too
+        kwargs["drop_path_rate"] = rate
     if init != "fd" or torch.get_default_device().type == "meta":
-        model = create_model(cfg.model, pretrained=False, **kwargs)
+        model = create_student(cfg, kwargs)
         if init == "fd" and not _on_meta(model):
             fd_init(model)
-        return model
+        return distilled_cfg(model, kwargs.get("img_size") or cfg.img_size)
     with SkipRandomInit() as skipped:  # the FD init redraws what timm's own init would draw: skip timm's draws
-        model = create_model(cfg.model, pretrained=False, **kwargs)
+        model = create_student(cfg, kwargs)
     if skipped.unreplaced(model, fd_init(model)):  # an architecture whose own init draws more than the FD init
         model = create_model(cfg.model, pretrained=False, **kwargs)
         fd_init(model)
-    return model
+    return distilled_cfg(model, kwargs.get("img_size") or cfg.img_size)
+
+
+def create_student(cfg: DictConfig, kwargs: dict) -> nn.Module:
+    """timm's model; a shipped FD config's kwargs on another family (student.model=convnext_atto) are refused in
+    one line that points at student=timm."""
+    try:
+        return create_model(cfg.model, pretrained=False, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        if cfg.get("patch_size") is None:  # student=timm: a kwarg the user passed, or a drop path it has no place for
+            raise FDLightError(f"timm's {cfg.model} does not take this argument ({e}); drop it from student.kwargs "
+                               f"(drop_path_rate: set drop_path.student=0)") from None
+        raise FDLightError(f"student={cfg.name} describes an FD ViT/SwinV2 and its kwargs do not fit "
+                           f"student.model={cfg.model} ({e}); to distil into any timm model use student=timm "
+                           f"student.name={cfg.model}") from None
 
 
 def student_layout(cfg: DictConfig, model: nn.Module) -> TokenLayout:
-    return checked_layout(OmegaConf.to_container(cfg, resolve=True), timm_layout(model), "student")
+    """A shipped FD student's declared layout, checked against the model; a student that declares no stride
+    (`student=timm`, a module of one's own) has its layout measured from one forward at student.img_size."""
+    declared = OmegaConf.to_container(cfg, resolve=True)
+    if declared.get("patch_size") is None:
+        return checked_layout(declared, measured_layout(model, int(cfg.img_size)), "student")
+    return checked_layout(declared, timm_layout(model), "student")
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -133,7 +189,21 @@ def resolve_class(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def block_classes(cfg: DictConfig) -> set[type]:
-    """The student's transformer block class(es): the FSDP wrap and activation-checkpointing unit."""
+def block_classes(cfg: DictConfig, model: nn.Module | None = None) -> set[type]:
+    """The student's block class(es): the FSDP wrap and activation-checkpointing unit; the config's `block_class`,
+    or (null) the blocks timm's group_matcher names in `model`."""
+    if cfg.get("block_class") is None:
+        return matcher_blocks(model) if model is not None else set()
     names = cfg.block_class if OmegaConf.is_list(cfg.block_class) else [cfg.block_class]
     return {resolve_class(n) for n in names}
+
+
+def matcher_blocks(model: nn.Module) -> set[type]:
+    """The classes of the modules that timm's fine group_matcher names as blocks (`layer1.0`, `stages.2.blocks.1`,
+    `blocks.3`): the repeated unit of any timm model, with no table per family. Empty without a group_matcher."""
+    if not hasattr(model, "group_matcher"):
+        return set()
+    spec = model.group_matcher(coarse=False).get("blocks", [])
+    patterns = [spec] if isinstance(spec, str) else [p for p, ordinal in spec if ordinal is None]
+    return {type(m) for name, m in model.named_modules()
+            if name and any(re.fullmatch(p.lstrip("^"), name) for p in patterns)}

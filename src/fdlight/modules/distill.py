@@ -27,6 +27,7 @@ from fdlight.modules.base import TrainingModule
 from fdlight.optim import adamw_with_schedule, original_ndims, param_groups, scaled_lr
 
 WHITENINGS = ("fd_ln", "none", "phi_s")
+ALIGNS = ("teacher_to_student", "student_to_teacher")  # which map is resized when the grids differ (null: refused)
 FIRST_LOSSES_KEY = "fdlight_first_teacher_losses"
 
 
@@ -106,15 +107,16 @@ class FeatureDistillation(TrainingModule):
                  optim: dict, whitening: str = "fd_ln", whitening_eps: float = 1e-5, loss_beta: float = 2.0,
                  include_prefix_tokens: bool = True, teacher_resize: str = "bilinear",
                  no_decay_keywords=(), teacher_drop_path: bool = False, compile_loss: bool = False,
-                 targets: Mapping[str, TargetSpec] | None = None):
+                 targets: Mapping[str, TargetSpec] | None = None, align: str | None = None):
         super().__init__(optim)
         single = isinstance(teacher, Teacher)
         teachers = {teacher.name: teacher} if single else dict(teacher)
         specs = dict(targets) if targets is not None else {n: TargetSpec(whitening, whitening_eps) for n in teachers}
         check(list(specs) == list(teachers), f"targets name {list(specs)} but the teachers are {list(teachers)}")
         check(loss_beta >= 0, f"distill.loss_beta={loss_beta} must be >= 0 (the paper's smooth-L1 uses 2.0; 0 is L1)")
+        check_align(align)
         for name, t in teachers.items():
-            check_target(specs[name], student_layout, t.layout, "teacher" if single else f"teacher.{name}")
+            check_target(specs[name], student_layout, t.layout, "teacher" if single else f"teacher.{name}", align)
         check(any(s.loss_weight > 0 for s in specs.values()),
               "every teacher's loss_weight is 0, so nothing would be learned; give a teacher a weight > 0")
         self.student = student
@@ -136,6 +138,9 @@ class FeatureDistillation(TrainingModule):
         self.teacher_drop_path = teacher_drop_path
         self.prefix_in_loss = {n: include_prefix_tokens and student_layout.prefix_tokens == t.layout.prefix_tokens
                                for n, t in teachers.items()}
+        # which side of each pair is resized when the grids differ (equal grids: neither, the paper's path)
+        self.resample_teacher = {n: specs[n].resample_tokens or align == "teacher_to_student" for n in teachers}
+        self.resample_student = {n: align == "student_to_teacher" and not self.resample_teacher[n] for n in teachers}
         # Student input is ImageNet-normalised; each teacher gets its own statistics: x_t = x * a + b per channel.
         mean_in, std_in = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         stats = [(t.mean.cpu(), t.std.cpu()) for t in teachers.values()]
@@ -174,7 +179,7 @@ class FeatureDistillation(TrainingModule):
                    whitening_eps=cfg.whitening.eps, loss_beta=d.loss_beta,
                    include_prefix_tokens=d.include_prefix_tokens, teacher_resize=d.teacher_resize,
                    no_decay_keywords=cfg.student.no_decay_keywords, teacher_drop_path=dp_teacher > 0,
-                   compile_loss=compile, targets=specs)
+                   compile_loss=compile, targets=specs, align=d.get("align"))
 
     # ------------------------------------------------------------------------------------------- per teacher
     @property
@@ -209,21 +214,25 @@ class FeatureDistillation(TrainingModule):
 
     @torch.no_grad()
     def teacher_tokens(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """One teacher's tokens in the loss, before whitening, for an ImageNet-normalised batch at the student's
-        resolution, on the student's token grid."""
+        """One teacher's every token (prefix + its own grid), before whitening, for an ImageNet-normalised batch at
+        the student's resolution: what a shared-teacher sweep computes once for students of any grid."""
         teacher = self.teachers[name]
-        t = teacher(self.teacher_input(x, name).to(teacher.mean.dtype))
-        prefix = teacher.layout.prefix_tokens
+        return teacher(self.teacher_input(x, name).to(teacher.mean.dtype))
+
+    def paired(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """A teacher's tokens as this student's loss pairs them: its prefix dropped unless the student has as many,
+        its map resized to the student's grid when that side is resampled."""
+        prefix = self.teachers[name].layout.prefix_tokens
         if not self.prefix_in_loss[name]:
             t, prefix = t[:, prefix:], 0
-        if self.specs[name].resample_tokens:
+        if self.resample_teacher[name]:
             t = resample_grid(t, prefix, self.student_layout.grid)
         return t
 
     @torch.no_grad()
     def target_of(self, name: str, x: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
         """One teacher's whitened tokens (`tokens`: its teacher_tokens, when already computed)."""
-        return self.head(name)[1](self.teacher_tokens(name, x) if tokens is None else tokens)
+        return self.head(name)[1](self.paired(name, self.teacher_tokens(name, x) if tokens is None else tokens))
 
     def targets(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every teacher's target, one teacher after the other on the same batch."""
@@ -236,7 +245,11 @@ class FeatureDistillation(TrainingModule):
         """One teacher's adaptor on the student's tokens (patch tokens only when the prefix is out of its loss)."""
         if not self.prefix_in_loss[name]:
             tokens = tokens[:, self.student_layout.prefix_tokens:]
-        return self.head(name)[0](tokens)
+        pred = self.head(name)[0](tokens)
+        if self.resample_student[name]:  # after the 1x1 projector (both linear: the same map), on fewer channels
+            prefix = self.student_layout.prefix_tokens if self.prefix_in_loss[name] else 0
+            pred = resample_grid(pred, prefix, self.teachers[name].layout.grid)
+        return pred
 
     def predictions(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every adaptor's prediction from one student forward."""
@@ -347,9 +360,15 @@ class FeatureDistillation(TrainingModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def check_target(spec: TargetSpec, student: TokenLayout, teacher: TokenLayout, who: str) -> None:
-    """A teacher's grid fits the student's (or is resampled), its whitening has what it needs."""
-    if not spec.resample_tokens:
+def check_align(align) -> None:
+    check(align is None or align in ALIGNS, f"distill.align={align!r} is unknown; use {' or '.join(ALIGNS)} (or null: "
+                                            f"the grids must be equal, as in the paper)")
+
+
+def check_target(spec: TargetSpec, student: TokenLayout, teacher: TokenLayout, who: str,
+                 align: str | None = None) -> None:
+    """A teacher's grid fits the student's (or one of them is resampled), its whitening has what it needs."""
+    if not spec.resample_tokens and align is None:
         check_grids(student, teacher, who=who)
     check(spec.whitening != "fd_ln" or spec.eps > 0,
           f"whitening.eps={spec.eps} must be > 0 (the paper's LayerNorm whitening uses 1e-5)")

@@ -113,8 +113,8 @@ class Stage:
     def finish(self, run_dir: Path, metrics: dict, artifacts: list[Path]) -> None:
         """metrics.json (written last: its presence marks a complete run), then the closing line."""
         write_json(run_dir / "metrics.json", metrics)
-        names = ", ".join(str(p.relative_to(run_dir)) if p.is_relative_to(run_dir) else str(p)
-                          for p in artifacts if p is not None)
+        names = ", ".join((str(p.relative_to(run_dir)) if p.is_relative_to(run_dir) else str(p))
+                          + ("/" if p.is_dir() else "") for p in artifacts if p is not None)  # a folder: student/
         data = f"; {data_text(metrics)}" if "data" in metrics else ""
         log.info("%s%s; artifacts in %s: %s", self.summary(metrics), data, run_dir, names + (", " if names else "")
                  + "metrics.json")

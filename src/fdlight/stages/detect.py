@@ -14,7 +14,7 @@ from fdlight.diagnostics.predictions import plot_detections
 from fdlight.errors import check
 from fdlight.models.attention import set_attention
 from fdlight.models.exports import rebuild_backbone
-from fdlight.models.pyramid import Backbone, DetectionBackbone
+from fdlight.models.pyramid import Backbone, DetectionBackbone, is_vit
 from fdlight.models.weights import read_export_metadata, read_state_dict
 from fdlight.modules.detect import InstanceSegmentation, build_mask_rcnn
 from fdlight.runs.template import Training, percent
@@ -27,7 +27,7 @@ HEAD_KEYS = ("anchor_sizes", "box_head_dim", "mask_head_dim", "rpn_pre_nms_train
 def detector(backbone_net, head: dict):
     """Mask R-CNN on a timm backbone; a ViT feeds its last block to the simple pyramid unless `indices` says else."""
     indices = head["indices"]
-    if indices is None and hasattr(backbone_net, "blocks"):
+    if indices is None and is_vit(backbone_net):
         indices = [len(backbone_net.blocks) - 1] * 4
     body = Backbone(backbone_net, indices)
     neck = DetectionBackbone(body, head["fpn_channels"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from fdlight.diagnostics.attention import attention_statistics, summarize_layers
+from fdlight.diagnostics.attention import attention_layers, attention_statistics, summarize_layers
 from fdlight.diagnostics.landscape import (ClassificationLoss, DistillationLoss, ProbeLoss, grid_coordinates,
                                            loss_landscape, top_hessian_eigenvalue)
 from fdlight.diagnostics.loading import Subject, build_fd_module, default_name, eval_batches, load_subject
@@ -191,8 +191,13 @@ def _diagnose(subject: Subject, cfg: DictConfig, d: DictConfig, device: torch.de
     xs, ys, num_classes = eval_batches(cfg.data, subject.img_size, d.num_images, d.batch_size)
     subject.model.to(device).eval()
     images = [subject.prepare(x.to(device)) for x in xs]
-    layers = attention_statistics(subject.model, images, what=f"checkpoint {subject.source}")
-    attention = summarize_layers(layers, int(d.diagonality_k))
+    layers, attention = [], None
+    if attention_layers(subject.model):
+        layers = attention_statistics(subject.model, images, what=f"checkpoint {subject.source}")
+        attention = summarize_layers(layers, int(d.diagonality_k))
+    else:  # a CNN student: what applies is the landscape
+        log.info("%s (%s) has no attention layers: its attention distance, head diversity, diagonality and maps are "
+                 "left out, its loss landscape is measured", subject.name, type(subject.model).__name__)
     attn_s = time.perf_counter() - start
 
     ls_cfg = d.landscape
@@ -211,10 +216,7 @@ def _diagnose(subject: Subject, cfg: DictConfig, d: DictConfig, device: torch.de
     subject.model.cpu()
     summary = {
         "kind": subject.kind,
-        "attn_distance_spread": attention["attn_distance_spread"],
-        "attn_distance_mean": sum(attention["distance_mean_px"]) / len(attention["distance_mean_px"]),
-        "head_kl_mean": sum(attention["kl_diversity"]) / len(attention["kl_diversity"]),
-        "diagonality_mean": sum(attention["diagonality_mean"]) / len(attention["diagonality_mean"]),
+        **attention_summary(attention),
         "landscape_loss": loss_name,
         "loss_at_origin": landscape["origin"] if landscape else None,
         "sharpness": landscape["sharpness"] if landscape else None,
@@ -228,6 +230,16 @@ def _diagnose(subject: Subject, cfg: DictConfig, d: DictConfig, device: torch.de
             "attention": attention, "landscape": landscape, "hessian": hessian,
             "seconds": {"attention": attn_s, "total": time.perf_counter() - start}}
     return Diagnosis(subject.name, data, {layer.name: layer.map for layer in layers})
+
+
+def attention_summary(attention: dict | None) -> dict:
+    """The summary's attention numbers (None for a model without attention)."""
+    if attention is None:
+        return dict.fromkeys(("attn_distance_spread", "attn_distance_mean", "head_kl_mean", "diagonality_mean"))
+    return {"attn_distance_spread": attention["attn_distance_spread"],
+            "attn_distance_mean": sum(attention["distance_mean_px"]) / len(attention["distance_mean_px"]),
+            "head_kl_mean": sum(attention["kl_diversity"]) / len(attention["kl_diversity"]),
+            "diagonality_mean": sum(attention["diagonality_mean"]) / len(attention["diagonality_mean"])}
 
 
 def diagnose_checkpoint(spec: str, cfg: DictConfig | None = None, name: str | None = None) -> Diagnosis:
@@ -267,9 +279,13 @@ def slug(name: str) -> str:
 
 def write_plots(run_dir: Path, results: dict[str, Diagnosis], d: DictConfig) -> list[Path]:
     data = {n: r.data for n, r in results.items()}
-    figures = {"attention_distance": plots.distance_figure(data), "head_diversity": plots.diversity_figure(data),
+    attended = {n: r for n, r in data.items() if r["attention"] is not None}  # models without attention: landscape only
+    figures = {"attention_distance": plots.distance_figure(attended) if attended else None,
+               "head_diversity": plots.diversity_figure(attended) if attended else None,
                "landscape": plots.landscape_figure(data)}
     for n, r in results.items():
+        if r.data["attention"] is None:
+            continue
         figures[f"attention_maps_{slug(n)}"] = plots.maps_figure(n, r.data, r.maps, int(d.maps.max_layers),
                                                                  int(d.maps.max_heads))
     return [save_figure(fig, run_dir / f"{stem}.png") for stem, fig in figures.items() if fig is not None]
@@ -295,6 +311,10 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, pngs: list[Path], summaries: di
     finish_wandb()
 
 
+def number(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
 class Diagnose(Stage):
     name = "diagnose"
 
@@ -318,10 +338,11 @@ class Diagnose(Stage):
         for s in subjects:
             results[s.name] = r = diagnose_subject(s, cfg, device)
             sm = r.summary
-            log.info("%s: attention distance spread %.3f px, head KL %.4f, diagonality %.3f, %s sharpness %s",
-                     s.name if s.name.startswith(s.kind) else f"{s.name} ({s.kind})", sm["attn_distance_spread"],
-                     sm["head_kl_mean"], sm["diagonality_mean"], sm["landscape_loss"],
-                     "n/a" if sm["sharpness"] is None else f"{sm['sharpness']:.4g}")
+            log.info("%s: attention distance spread %s px, head KL %s, diagonality %s, %s sharpness %s",
+                     s.name if s.name.startswith(s.kind) else f"{s.name} ({s.kind})",
+                     *(number(sm[k], f) for k, f in (("attn_distance_spread", ".3f"), ("head_kl_mean", ".4f"),
+                                                     ("diagonality_mean", ".3f"))),
+                     sm["landscape_loss"], number(sm["sharpness"], ".4g"))
             for teacher, sharp in sm.get("teacher_sharpness", {}).items():
                 log.info("%s: fd sharpness against teacher %s %.4g", s.name, teacher, sharp)
         losses = sorted({r.summary["landscape_loss"] for r in results.values()} - {None})
