@@ -120,7 +120,8 @@ def check_student_model(student: DictConfig | None, choice: str | None) -> None:
     check(str(student.model) in family,
           f"student.model={student.model} is not an architecture student={choice} builds (its kwargs, init and "
           f"{own.block_class} blocks fit {', '.join(family)}); choose the student config of the architecture you "
-          f"want: student={', student='.join(group_choices('student'))}")
+          f"want: student={', student='.join(group_choices('student'))} (any timm model: student=timm "
+          f"student.name={student.model})")
 
 
 def section(cfg: DictConfig, stage: str) -> DictConfig:

@@ -29,7 +29,7 @@ def student_kwargs(cfg: DictConfig) -> dict:
     return kwargs
 
 
-def check_student_model(cfg: DictConfig) -> None:
+def check_timm_name(cfg: DictConfig) -> None:
     """The student's timm name is set and known to timm (a near miss is named)."""
     import timm
 
@@ -65,7 +65,7 @@ def check_drop_path(rate: float, key: str) -> float:
 
 def build_student(cfg: DictConfig, drop_path: float = 0.0, num_classes: int | None = None, **overrides) -> nn.Module:
     """A randomly initialised student. `num_classes`/`overrides` adapt it for fine-tuning stages."""
-    check_student_model(cfg)
+    check_timm_name(cfg)
     init = cfg.get("init", "timm")
     check(init in INITS, f"unknown student.init {init!r}; choose one of: {', '.join(INITS)}")
     kwargs = student_kwargs(cfg)

@@ -17,7 +17,7 @@ from fdlight.data.transforms import eval_transform, fd_train_transform
 from fdlight.errors import check
 from fdlight.models.adaptors import save_adaptors
 from fdlight.models.layout import TokenLayout, check_grids, measured_layout
-from fdlight.models.students import block_classes, build_student, check_drop_path, check_student_model, student_kwargs
+from fdlight.models.students import block_classes, build_student, check_drop_path, check_timm_name, student_kwargs
 from fdlight.models.teachers import Teacher, looks_like_file
 from fdlight.models.exports import export_hub, export_timm
 from fdlight.models.weights import check_weights_file
@@ -61,7 +61,7 @@ class Distill(TrainingStage):
         module."""
         if self.student is not None:
             return measured_layout(self.student, int(cfg.student.img_size))
-        check_student_model(cfg.student)
+        check_timm_name(cfg.student)
         declared = declared_layout(cfg.student, "student")
         if declared is not None or cfg.student.get("patch_size") is not None:
             return declared
