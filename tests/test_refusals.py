@@ -24,7 +24,8 @@ REFUSED = {
         r"data=imagenet does not read data\.num_train \(set by the chosen experiment=\).*read by data=synthetic"),
     "another architecture as student.model": (
         ["student.model=convnext_atto"], r"student\.model=convnext_atto is not an architecture student=tiny builds "
-                                         r"\(.*beit_base_patch16_224.*\); .*student=swinv2_b, .*student=vit_l14 \(any timm model: student=timm student\.name=convnext_atto\)$"),
+                                         r"\(.*beit_base_patch16_224.*\); .*student=swinv2_b, .*student=vit_l14 "
+                                         r"\(any timm model: student=timm student\.name=convnext_atto\)$"),
     "a CNN as a Swin student": (["student=swinv2_b", "student.model=resnet18"],
                                 r"student\.model=resnet18 is not an architecture student=swinv2_b builds"),
     "negative loader workers": (["data.num_workers=-1"], r"data\.num_workers=-1 must be a whole number >= 0 or null"),
