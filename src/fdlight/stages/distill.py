@@ -44,6 +44,7 @@ def students_with_grid(grid: int) -> list[str]:
 class Distill(TrainingStage):
     name = "distill"
     weights_prefix = "student."
+    monitored = "student"
 
     def validate(self, cfg: DictConfig) -> None:
         """Drop-path rates, each teacher's weights file, loss weight, whitening and token grid, before anything is
