@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import TINY, run_stage
+from conftest import TINY, run_cli, run_stage
 from test_distill_errors import write_imagefolder
 from test_reliability import cli, one_error
 
@@ -192,3 +192,15 @@ def test_bad_input_is_one_line_and_leaves_nothing(distilled, tmp_path, capfd, mo
         assert "read-only" in line
     finally:
         subprocess.run(["umount", str(ro)], check=True)
+
+
+@pytest.mark.xdist_group("processes")
+def test_ddp_ranks_share_the_embedding_and_give_the_single_process_number(distilled, tmp_path):
+    run = tmp_path / "ddp"
+    res = run_cli([*TINY, *KNN, *SMALL, f"knn.pretrained={distilled['run']}", "trainer.strategy=ddp",
+                   "trainer.devices=2", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    saved = json.loads((run / "metrics.json").read_text())
+    assert (run / "train_ddp_process_1.log").is_file()  # a second rank ran
+    assert (saved["top1"], saved["top5"], saved["num_bank"]) == (distilled["dir"]["top1"], distilled["dir"]["top5"],
+                                                                64)

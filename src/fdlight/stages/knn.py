@@ -3,18 +3,17 @@ labelled train split are the memory bank, the val split is classified; writes re
 
 `knn.pretrained` is anything the diagnostics load (fdlight.diagnostics.loading): a run directory, an export
 (`student.safetensors`, `model.safetensors`), a distillation `.ckpt`, an official checkpoint, a teacher's own weights
-with `teacher=<its config>`, or `teacher` / `teacher:<name>` for a teacher config as it is. Under DDP (torchrun) every
-rank embeds its share of both splits and the rows are gathered."""
+with `teacher=<its config>`, or `teacher` / `teacher:<name>` for a teacher config as it is. The trainer config says
+where it runs (bf16 on a GPU); under trainer.strategy=ddp every rank embeds its share of both splits and the rows are
+gathered."""
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
 from fdlight.artifacts import write_text
@@ -39,21 +38,17 @@ class Built:
     num_classes: int
 
 
-def resolve_device(name: str) -> torch.device:
-    check(name in ("auto", "cpu", "cuda"), f"knn.device={name} is not a device; choose auto, cpu or cuda")
-    check(name != "cuda" or torch.cuda.is_available(), "knn.device=cuda but no GPU is visible; pass knn.device=cpu "
-                                                       "or auto")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+def launch(trainer_cfg: DictConfig) -> torch.device:
+    """The trainer config's processes (trainer.strategy=ddp: Lightning starts the other ranks, as for training), joined
+    in one process group; the device of this rank."""
+    import lightning as L
 
-
-def join_launch(device: torch.device) -> None:
-    """Under torchrun (WORLD_SIZE > 1) join the process group: the ranks share the embedding work."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    t = trainer_cfg
+    strategy = "ddp" if str(t.strategy) in ("ddp", "fsdp") else "auto"  # nothing is trained: nothing to shard
+    fabric = L.Fabric(accelerator=str(t.accelerator), devices=t.devices, num_nodes=int(t.num_nodes),
+                      strategy=strategy, precision="32-true")
+    fabric.launch()
+    return fabric.device
 
 
 def labelled_splits(cfg: DictConfig, img_size: int, batch_size: int) -> tuple:
@@ -80,7 +75,6 @@ class Knn(Stage):
                                          "student.safetensors or checkpoint>, or knn.pretrained=teacher with "
                                          "teacher=<config>")
         check(s.pool in knn.POOLS, f"knn.pool={s.pool} is not a pooling; choose one of: {', '.join(knn.POOLS)}")
-        resolve_device(s.device)
         if cfg.data.name != "synthetic":
             check_root(cfg.data, with_val=True)
 
@@ -94,8 +88,7 @@ class Knn(Stage):
 
     def execute(self, cfg: DictConfig, run_dir: Path, built: Built, claimed: Claim) -> dict:
         s = self.settings(cfg)
-        device = resolve_device(s.device)
-        join_launch(device)
+        device = launch(cfg.trainer)
         save_config(cfg, run_dir)
         start = time.perf_counter()
         model = built.subject.model.to(device)
