@@ -10,6 +10,7 @@ monitor/knn_top1 and monitor/knn_top5 at the global step; each teacher's number,
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import lightning as L
@@ -125,11 +126,12 @@ class KnnMonitor(L.Callback):
         model = getattr(module, self.attr)
         was_training = model.training
         model.eval()
+        start = time.perf_counter()
         try:
             result = self.evaluate(self.student_features(module), module.device)
         finally:
             model.train(was_training)
-        entry = {"epoch": epoch, "step": trainer.global_step, **result}
+        entry = {"epoch": epoch, "step": trainer.global_step, **result, "seconds": time.perf_counter() - start}
         self.history.append(entry)
         self.emit(trainer, {"monitor/knn_top1": result["top1"], "monitor/knn_top5": result["top5"]})
         log.info("monitor: epoch %d, step %d: k-NN top-1 %.2f%%, top-5 %.2f%% (%d val images)", entry["epoch"],
@@ -144,7 +146,8 @@ class KnnMonitor(L.Callback):
         if self.teachers:  # a resumed run has it already
             return
         for name, features in teacher_features(module, self.pool).items():
-            self.teachers[name] = self.evaluate(features, module.device)
+            start = time.perf_counter()
+            self.teachers[name] = {**self.evaluate(features, module.device), "seconds": time.perf_counter() - start}
             label = "teacher" if name == "" else f"teacher/{name}"
             self.emit(trainer, {f"monitor/{label}_knn_top1": self.teachers[name]["top1"],
                                f"monitor/{label}_knn_top5": self.teachers[name]["top5"]})
