@@ -21,13 +21,17 @@ def prefix_tokens(model: nn.Module) -> int:
     return int(getattr(model, "num_prefix_tokens", 0) or 0)
 
 
-def tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Every token of a timm model after its final norm, (B, N, D): prefix tokens first, then the map row by row."""
-    out = model.forward_features(x)
+def as_tokens(model: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """forward_features' output as tokens, (B, N, D): prefix tokens first, then the map row by row."""
     if out.ndim == 4:  # Swin gives NHWC, a CNN NCHW
         out = out.flatten(1, 2) if out.shape[-1] == int(getattr(model, "num_features", -1)) else \
             out.flatten(2).transpose(1, 2)
     return out
+
+
+def tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Every token of a timm model after its final norm, (B, N, D)."""
+    return as_tokens(model, model.forward_features(x))
 
 
 def check_pool(pool: str, model: nn.Module, what: str, setting: str) -> str:
@@ -51,9 +55,17 @@ def pool_tokens(t: torch.Tensor, pool: str, prefix: int) -> torch.Tensor:
 
 def pooled(model: nn.Module, x: torch.Tensor, pool: str) -> torch.Tensor:
     """(B, D) pooled features in float32 (`pool` as check_pool resolved it)."""
+    return pooled_and_grid(model, x, pool, grid=False)[0]
+
+
+def pooled_and_grid(model: nn.Module, x: torch.Tensor, pool: str, grid: bool) -> tuple:
+    """(B, D) float32 pooled features and, with `grid`, the (B, D, H, W) spatial map they come from (else None)."""
+    out = model.forward_features(x)
     if pool == "auto":
-        return model.forward_head(model.forward_features(x), pre_logits=True).float()
-    return pool_tokens(tokens(model, x), pool, prefix_tokens(model)).float()
+        p = model.forward_head(out, pre_logits=True)
+    else:
+        p = pool_tokens(as_tokens(model, out), pool, prefix_tokens(model))
+    return p.float(), token_grid(model, as_tokens(model, out)) if grid else None
 
 
 def token_grid(model: nn.Module, t: torch.Tensor) -> torch.Tensor:
