@@ -177,6 +177,7 @@ class Throughput(Callback):
             if trainer.global_step % max(int(trainer.log_every_n_steps), 1) == 0:
                 images, seconds = self._read()
                 module.log("train/img_per_s", images / max(seconds, 1e-9), prog_bar=True)
+                module.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(module.device) / 2 ** 30)
             return
         if self._t is None:
             return

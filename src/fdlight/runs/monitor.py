@@ -1,7 +1,7 @@
 """Online monitoring (monitor=knn): the trained model's k-NN accuracy on a fixed labelled subset while it trains, so a
 long run shows early whether its features are getting any better (the loss falls whatever happens).
 
-Every `monitor.every_n_epochs` epochs and at the end of training, the model's pooled features of `monitor.max_images`
+At the start, every `monitor.every_n_epochs` epochs and at the end of training, the model's pooled features of `monitor.max_images`
 evenly spaced val images of `monitor.data` (default: the run's own data=) are classified leave-one-out (each image by
 its k nearest other images, weights exp(sim / T): fdlight.diagnostics.knn). The evaluation draws no random number
 and leaves the model's mode as it found it, so a monitored run trains exactly as an unmonitored one. Logged as
@@ -43,8 +43,10 @@ def check_monitor(m: DictConfig) -> None:
         knn.check_k(int(m.k), int(m.max_images), "monitor.k", exclude_self=True)
 
 
-def build_monitor(cfg: DictConfig, img_size: int, attr: str) -> "KnnMonitor | None":
-    """The callback of monitor=knn, or None: monitor=none, or a data source without a labelled val split (a notice)."""
+def build_monitor(cfg: DictConfig, img_size: int, attr: str, job: int | None = None,
+                  loggers: list | None = None) -> "KnnMonitor | None":
+    """The callback of monitor=knn, or None: monitor=none, or a data source without a labelled val split (a notice).
+    `job` and `loggers`: job k of a shared-teacher sweep (module.students[k]), logging to its own loggers."""
     m = cfg.get("monitor")
     if m is None or m.name == "none":
         return None
@@ -58,7 +60,8 @@ def build_monitor(cfg: DictConfig, img_size: int, attr: str) -> "KnnMonitor | No
         log.warning("monitor=knn is off: the val split of data=%s has no labels; name a labelled set with "
                     "monitor.data=", data.name)
         return None
-    return KnnMonitor(m, dataset, attr)
+    knn.check_k(int(m.k), len(dataset), "monitor.k", exclude_self=True)
+    return KnnMonitor(m, dataset, attr, job, loggers)
 
 
 def teacher_features(module, pool: str) -> dict[str, Features]:
@@ -81,8 +84,8 @@ class KnnMonitor(L.Callback):
     """Evaluates the module's `attr` submodule (the model whose features are trained: a student, a classifier) and,
     once, each teacher of a distillation module."""
 
-    def __init__(self, settings: DictConfig, dataset, attr: str):
-        self.attr = attr
+    def __init__(self, settings: DictConfig, dataset, attr: str, job: int | None = None, loggers: list | None = None):
+        self.attr, self.job, self.loggers = attr, job, loggers
         self.every = int(settings.every_n_epochs)
         self.k, self.temperature = int(settings.k), float(settings.temperature)
         self.pool, self.batch_size = str(settings.pool), int(settings.batch_size)
@@ -117,13 +120,21 @@ class KnnMonitor(L.Callback):
                              exclude_self=True)
         return {"top1": r.top1, "top5": r.top5}
 
+    @property
+    def state_key(self) -> str:
+        return "KnnMonitor" if self.job is None else f"KnnMonitor[job {self.job}]"
+
+    def owner(self, module):
+        """The module whose model this monitor follows (job k's student of a shared-teacher sweep)."""
+        return module if self.job is None else module.students[self.job]
+
     def student_features(self, module) -> Features:
-        model = getattr(module, self.attr)
+        model = getattr(self.owner(module), self.attr)
         pool = knn.check_pool(self.pool, model, "the trained model", "monitor.pool")
         return lambda x: knn.pooled(model, x, pool)
 
     def record(self, trainer: L.Trainer, module, epoch: int) -> None:
-        model = getattr(module, self.attr)
+        model = getattr(self.owner(module), self.attr)
         was_training = model.training
         model.eval()
         start = time.perf_counter()
@@ -138,14 +149,16 @@ class KnnMonitor(L.Callback):
                  entry["step"], 100 * result["top1"], 100 * result["top5"], len(self.images))
 
     def emit(self, trainer: L.Trainer, values: dict) -> None:
-        for logger in trainer.loggers:
+        for logger in trainer.loggers if self.loggers is None else self.loggers:
             logger.log_metrics(values, step=trainer.global_step)
 
     # --------------------------------------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: L.Trainer, module) -> None:
-        if self.teachers:  # a resumed run has it already
+        if not self.history:  # the start of the curve (a resumed run has it)
+            self.record(trainer, module, trainer.current_epoch)
+        if self.teachers:
             return
-        for name, features in teacher_features(module, self.pool).items():
+        for name, features in teacher_features(self.owner(module), self.pool).items():
             start = time.perf_counter()
             self.teachers[name] = {**self.evaluate(features, module.device), "seconds": time.perf_counter() - start}
             label = "teacher" if name == "" else f"teacher/{name}"
