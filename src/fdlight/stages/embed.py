@@ -130,20 +130,26 @@ def embed_rows(model, built: Built, indices: range, batch: int, device: torch.de
 
     dtype = DTYPES[str(s.dtype)]
     pooled, grids, labels = [], [], []
-    loader = DataLoader(Subset(built.dataset, list(indices)), batch_size=batch, shuffle=False, num_workers=workers)
+    loader = DataLoader(Subset(built.dataset, list(indices)), batch_size=batch, shuffle=False, num_workers=workers,
+                        collate_fn=images_and_targets)
     for x, y in loader:
         with knn.autocast(device):
             p, g = knn.pooled_and_grid(model, built.subject.prepare(x.to(device)), built.pool, bool(s.spatial))
         pooled.append(p.to(dtype).cpu())
         if g is not None:
             grids.append(g.to(dtype).cpu())
-        labels.append(torch.as_tensor(y))
+        labels.append(y)
     rows = {"embeddings": torch.cat(pooled)}
     if grids:
         rows["spatial"] = torch.cat(grids).contiguous()
     if knn.has_labels(built.dataset):
-        rows["labels"] = torch.cat(labels).long()
+        rows["labels"] = torch.tensor([int(y) for batch_targets in labels for y in batch_targets])
     return rows
+
+
+def images_and_targets(batch: list) -> tuple:
+    """A batch of (image, target) pairs: the images stacked, the targets as they are (None for unlabelled data)."""
+    return torch.stack([x for x, _ in batch]), [y for _, y in batch]
 
 
 def join_parts(paths: list[Path]) -> dict[str, torch.Tensor]:
