@@ -54,6 +54,8 @@ def build_monitor(cfg: DictConfig, img_size: int, attr: str, job: int | None = N
     try:
         dataset = eval_dataset(data, img_size, int(m.max_images))
     except FDLightError as e:
+        if m.get("data") is not None:  # named by the user: its error is theirs to fix
+            raise FDLightError(f"monitor.data: {e}") from None
         log.warning("monitor=knn is off: it needs a labelled val split (%s); name one with monitor.data=", e)
         return None
     if not knn.has_labels(dataset):
