@@ -159,6 +159,13 @@ def test_without_labelled_val_split_monitoring_is_off_with_a_notice(tmp_path, ca
     notes = [ln for ln in (tmp_path / "run" / "fdlight.log").read_text().splitlines() if "monitor=knn is off" in ln]
     assert len(notes) == 1 and "no val/ folder" in notes[0] and "monitor.data=" in notes[0]
     assert "monitor" not in json.loads((tmp_path / "run" / "metrics.json").read_text())
+    # a labelled set named with monitor.data monitors the same run
+    code, err = cli([*TINY, "data=imagenet", f"data.root={tmp_path / 'data'}", "data.num_workers=0",
+                     "distill.batch_size=8", "distill.max_steps=1", "monitor.data={name: synthetic, num_val: 16}",
+                     "monitor.k=5", f"hydra.run.dir={tmp_path / 'named'}"], capfd, monkeypatch)
+    assert code == 0, err[-3000:]
+    monitor = json.loads((tmp_path / "named" / "metrics.json").read_text())["monitor"]
+    assert monitor["num_images"] == 16 and [e["step"] for e in monitor["knn"]] == [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------------- bad input

@@ -51,8 +51,11 @@ def build_monitor(cfg: DictConfig, img_size: int, attr: str, job: int | None = N
     if m is None or m.name == "none":
         return None
     data = monitor_data(cfg)
+    limit = int(m.max_images)
+    if data.name == "synthetic":  # generated on demand: keep to the split's own size
+        limit = min(limit, int(data.num_val))
     try:
-        dataset = eval_dataset(data, img_size, int(m.max_images))
+        dataset = eval_dataset(data, img_size, limit)
     except FDLightError as e:
         if m.get("data") is not None:  # named by the user: its error is theirs to fix
             raise FDLightError(f"monitor.data: {e}") from None
