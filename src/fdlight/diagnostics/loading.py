@@ -87,10 +87,10 @@ class Subject:
 
 
 # ------------------------------------------------------------------------------------------------------- configs
-def teacher_config(name: str) -> DictConfig:
+def teacher_config(name: str, setting: str = "diagnose.checkpoints") -> DictConfig:
     """conf/teacher/<name>.yaml as Hydra composes it."""
     choices = group_choices("teacher")
-    check(name in choices, f"diagnose.checkpoints: unknown teacher config {name!r} in 'teacher:{name}'; choose one "
+    check(name in choices, f"{setting}: unknown teacher config {name!r} in 'teacher:{name}'; choose one "
                            f"of: {', '.join(choices)}")
     return group_config("teacher", name)
 
@@ -125,7 +125,7 @@ def load_subject(spec: str, cfg: DictConfig, name: str | None = None, setting: s
     spec = str(spec).strip()
     given, name = name, name or default_name(spec)
     if spec == "teacher" or spec.startswith("teacher:"):
-        tcfg = cfg.teacher if spec == "teacher" else teacher_config(spec.partition(":")[2])
+        tcfg = cfg.teacher if spec == "teacher" else teacher_config(spec.partition(":")[2], setting)
         subject = teacher_subject(tcfg, int(cfg.get("seed", 0)), name, spec)
     else:
         path = Path(spec).expanduser()
