@@ -65,7 +65,10 @@ def build_monitor(cfg: DictConfig, img_size: int, attr: str, job: int | None = N
         log.warning("monitor=knn is off: the val split of data=%s has no labels; name a labelled set with "
                     "monitor.data=", data.name)
         return None
-    knn.check_k(int(m.k), len(dataset), "monitor.k", exclude_self=True)
+    if len(dataset) <= int(m.k):  # a small val split must not stop a run that did not ask for monitoring
+        log.warning("monitor=knn is off: the val split of data=%s holds %d images, too few for monitor.k=%d "
+                    "neighbours; pass monitor.k=%d or fewer", data.name, len(dataset), int(m.k), len(dataset) - 1)
+        return None
     return KnnMonitor(m, dataset, attr, job, loggers)
 
 
