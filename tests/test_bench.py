@@ -89,7 +89,7 @@ def test_monitor_bench_times_the_monitor_beside_an_unmonitored_run(one_thread):
 
     out = monitor_bench(["trainer=cpu", "data.num_train=64", "data.num_val=32", "distill.batch_size=16",
                          "distill.epochs=2", "monitor.every_n_epochs=1", "monitor.max_images=32", "monitor.k=5"])
-    assert out["evaluations"] == 2 and out["images"] == 32 and out["epochs"] == 2
+    assert out["evaluations"] == 3 and out["images"] == 32 and out["epochs"] == 2  # the start, then each epoch
     assert 0 < out["seconds_per_evaluation"] and 0 < out["monitor_share_of_epoch"] < 1
 
 
