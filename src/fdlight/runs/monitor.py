@@ -115,15 +115,18 @@ class KnnMonitor(L.Callback):
     def evaluate(self, features: Features, device: torch.device) -> dict:
         self.load()
         rank, world = knn.rank_and_world()
-        mine = torch.arange(len(self.images))[rank::world]
+        n = len(self.images)
+        share = -(-n // world)  # every rank runs as many forwards (FSDP gathers weights in each): shares padded
+        mine = torch.arange(rank, rank + world * share, world)
         rows = []
-        for start in range(0, len(mine), self.batch_size):
-            x = self.images[mine[start:start + self.batch_size]].to(device)
+        for start in range(0, share, self.batch_size):
+            x = self.images[mine[start:start + self.batch_size].clamp(max=n - 1)].to(device)
             with knn.autocast(device):
                 rows.append(features(x).float().cpu())
-        f = torch.cat(rows) if rows else torch.zeros(0, 1)
+        f = torch.cat(rows)
         if world > 1:
-            f = knn.gather_rows(f)[knn.gather_rows(mine).argsort()]
+            f, order = knn.gather_rows(f), knn.gather_rows(mine)
+            f = f[order < n][order[order < n].argsort()]
         r = knn.knn_accuracy(f, self.labels, f, self.labels, self.k, self.temperature, self.num_classes,
                              exclude_self=True)
         return {"top1": r.top1, "top5": r.top5}
