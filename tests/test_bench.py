@@ -89,3 +89,19 @@ def test_students_bench_times_the_shared_step_beside_separate_steps_and_counts_t
     assert abs(out["flop_bound"] - 3 * (t + s) / (t + 3 * s)) < 0.02 and 1 < out["flop_bound"] < 3
     assert out["shared_ms"] > 0 and out["separate_ms"] > 0 and out["students"] == 3
     assert "speedup=" in capsys.readouterr().out
+
+
+def test_monitor_bench_times_the_monitor_beside_an_unmonitored_run(one_thread):
+    from fdlight.bench.monitor import main as monitor_bench
+
+    out = monitor_bench(["trainer=cpu", "data.num_train=64", "data.num_val=32", "distill.batch_size=16",
+                         "distill.epochs=2", "monitor.every_n_epochs=1", "monitor.max_images=32", "monitor.k=5"])
+    assert out["evaluations"] == 3 and out["images"] == 32 and out["epochs"] == 2  # the start, then each epoch
+    assert 0 < out["seconds_per_evaluation"] and 0 < out["monitor_share_of_epoch"] < 1
+
+
+def test_embed_bench_prints_images_per_second(one_thread, capsys):
+    from fdlight.bench.embed import main as embed_bench
+
+    out = embed_bench(["trainer=cpu", "data.num_train=32"])
+    assert out["rows"] == 32 and out["img_per_s"] > 0 and '"img_per_s"' in capsys.readouterr().out

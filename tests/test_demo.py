@@ -66,6 +66,12 @@ def test_demo_runs_every_step_and_reports_the_comparison(demo):
         spread = saved[f"diagnose/{name}/attn_distance_spread"]
         assert f"{spread:.3f}" in text and (run_dir / "5_segment_" f"{name}" / "model.safetensors").is_file()
         assert f"{100 * saved[f'segment/{name}/val/mIoU']:.1f}%" in text
+    for row, step in (("teacher", "knn_teacher"), ("distill", "knn_fd_student"), ("finetune_scratch", "knn_scratch")):
+        knn = json.loads((run_dir / f"6_{step}" / "metrics.json").read_text())
+        assert saved[f"{row}/knn_top1"] == knn["top1"] and f"| {100 * knn['top1']:.1f}% |" in text
+    # the FD student's k-NN, monitored while it distils: from its first step to its last, the trained teacher's once
+    monitor = json.loads((run_dir / "2_distill" / "metrics.json").read_text())["monitor"]
+    assert [e["step"] for e in monitor["knn"]] == [0, saved["distill/steps"]] and set(monitor["teachers"]) == {"teacher"}
     diagnosed = json.loads((run_dir / "4_diagnose" / "diagnostics.json").read_text())["checkpoints"]
     assert set(diagnosed) == {"teacher", "FD student"}
     assert (run_dir / "4_diagnose" / "landscape.png").is_file()
@@ -112,11 +118,12 @@ def test_a_repeat_in_a_new_process_on_a_busy_cpu_gives_the_same_numbers_and_a_re
 
     lines = res.stdout.splitlines()
     headers = [line.split(":")[0] for line in lines if line.startswith("pipeline step ")]
-    assert headers == [f"pipeline step {n}" for n in ("1", "2", "3a", "3b", "3c", "4", "5", "5", "6")]
+    assert headers == [f"pipeline step {n}" for n in ("1", "2", "3a", "3b", "3c", "4", "5", "5", "6", "6", "6", "7")]
     assert "GPU available:" not in res.stdout and "GPU available:" in (again / "fdlight.log").read_text()
     closing = [line for line in lines if "; artifacts in " in line]
-    assert len(closing) == 9  # 5 trainings, diagnose, 2 segmentations, the pipeline
-    assert all(re.search(r"; data=synthetic: (\d+ train( \+ \d+ val)?|\d+ val) images; ", line) for line in closing), closing
+    assert len(closing) == 12  # 5 trainings, diagnose, 2 segmentations, 3 k-NN, the pipeline
+    assert all(re.search(r"; data=synthetic: (\d+ train( \+ \d+ val)?|\d+ val) images; ", line)
+               for line in closing), closing
     assert closing[-1].startswith("pipeline done in ") and lines[-1] == closing[-1]
     assert closing[-1].endswith(f"; artifacts in {again}: results.md, metrics.json")
     assert not [line for line in lines if line.startswith(" ")]  # no metrics wrapped onto continuation lines
@@ -129,4 +136,5 @@ def test_with_wandb_every_step_is_its_own_run(tmp_path):
     run_stage([*SMALL, "logger=wandb", "pipeline.diagnose=false", "pipeline.segment=false",
                "pipeline.scratch_baseline=false"], run_dir)
     runs = {p.parents[2].name for p in run_dir.glob("*/wandb/offline-run-*/run-*.wandb")}
-    assert runs == {"1_teacher", "2_distill", "3a_finetune_teacher", "3b_finetune_student"}
+    assert runs == {"1_teacher", "2_distill", "3a_finetune_teacher", "3b_finetune_student", "6_knn_teacher",
+                    "6_knn_fd_student"}

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from conftest import TINY, compose, run_cli
+from conftest import TINY, compose, run_cli, run_stage
 from fdlight.models.students import block_classes, build_student
 from fdlight.optim import original_ndims, param_groups
 from fdlight.runs.gather import full_state_dict
@@ -101,6 +101,12 @@ def test_ddp_over_two_cpu_processes_trains_one_run_with_the_global_batch(tmp_pat
     assert sorted(p.name for p in run.iterdir() if p.suffix in (".safetensors", ".json")) == [
         "metrics.json", "student.safetensors"]
     assert list((run / "checkpoints").iterdir()) == [run / "checkpoints" / "last.ckpt"]
+    # monitor=knn: each rank embedded its share of the images; gathered, the seeded student's first point and the
+    # teacher's number are those of one process
+    one = run_stage(["distill.max_steps=1"], tmp_path / "one")["monitor"]
+    assert metrics["monitor"]["knn"][0]["top1"] == pytest.approx(one["knn"][0]["top1"])
+    assert metrics["monitor"]["teachers"]["teacher"]["top1"] == pytest.approx(one["teachers"]["teacher"]["top1"])
+    assert [e["step"] for e in metrics["monitor"]["knn"]] == [0, metrics["steps"]]  # every 2 epochs, and the end
 
 
 @pytest.mark.xdist_group("processes")  # two processes at once: not beside another pair

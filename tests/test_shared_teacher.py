@@ -81,6 +81,11 @@ def test_each_job_equals_its_separate_run(swept):
         assert mine["first_loss"] == pytest.approx(theirs["first_loss"], abs=1e-6)
         assert mine["last_loss"] == pytest.approx(theirs["last_loss"], abs=1e-6)
         assert mine["shared_teacher"] == {"job": int(job), "jobs": 2} and mine["steps"] == STEPS
+        # each job its own k-NN curve (monitor=knn), that of its separate run
+        assert [e["step"] for e in mine["monitor"]["knn"]] == [e["step"] for e in theirs["monitor"]["knn"]]
+        assert [e["top1"] for e in mine["monitor"]["knn"]] == pytest.approx([e["top1"] for e in
+                                                                              theirs["monitor"]["knn"]], abs=1e-6)
+        assert mine["monitor"]["teachers"]["teacher"]["top1"] == theirs["monitor"]["teachers"]["teacher"]["top1"]
     # the two jobs did train differently (a sweep that ignored the override would pass the checks above only once)
     assert max_difference(swept / "sweep/0/student.safetensors", swept / "sweep/1/student.safetensors") > 0.0
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from fdlight.errors import FDLightError, check
 
 CONFIG_MODULE = "fdlight.conf"
-GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger", "experiment")
+GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger", "monitor", "experiment")
 
 
 def compose(overrides=(), with_hydra: bool = False) -> DictConfig:

@@ -89,6 +89,10 @@ SCHEMAS: dict[str, dict[str, Rule]] = {
                 "aux_weight": at_least_zero(), "channels": count(1), "aux_channels": count(0),
                 "dropout": Rule(low=0, high=1 - 1e-9), "power": positive(), "eval_stride": count(1, optional=True),
                 "eval_chunk": count(1)},
+    "knn": {"k": count(1), "temperature": positive(), "max_bank": count(1, optional=True),
+            "max_queries": count(1, optional=True)},
+    "monitor": {"every_n_epochs": count(1), "max_images": count(2), "k": count(1), "temperature": positive()},
+    "embed": {"chunk_batches": count(1)},
     "detect": {"lr": LR, "img_size": count(1), "fpn_channels": count(1), "box_head_dim": count(1),
                "mask_head_dim": count(1), "mask_threshold": fraction(), "power": positive()},
 }

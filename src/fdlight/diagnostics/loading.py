@@ -29,7 +29,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from fdlight.config import group_choices, group_config, section, teacher_label
-from fdlight.data.folders import SafeImageFolder, class_folder
+from fdlight.data.classification import ClassificationData
 from fdlight.data.synthetic import SyntheticClassification
 from fdlight.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from fdlight.errors import FDLightError, check
@@ -87,10 +87,10 @@ class Subject:
 
 
 # ------------------------------------------------------------------------------------------------------- configs
-def teacher_config(name: str) -> DictConfig:
+def teacher_config(name: str, setting: str = "diagnose.checkpoints") -> DictConfig:
     """conf/teacher/<name>.yaml as Hydra composes it."""
     choices = group_choices("teacher")
-    check(name in choices, f"diagnose.checkpoints: unknown teacher config {name!r} in 'teacher:{name}'; choose one "
+    check(name in choices, f"{setting}: unknown teacher config {name!r} in 'teacher:{name}'; choose one "
                            f"of: {', '.join(choices)}")
     return group_config("teacher", name)
 
@@ -118,16 +118,17 @@ def display_name(subject: Subject) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ loaders
-def load_subject(spec: str, cfg: DictConfig, name: str | None = None) -> Subject:
-    """Build the model a checkpoint spec names (see the module docstring); every failure is one FDLightError."""
+def load_subject(spec: str, cfg: DictConfig, name: str | None = None, setting: str = "diagnose.checkpoints") -> Subject:
+    """Build the model a checkpoint spec names (see the module docstring); every failure is one FDLightError that
+    names `setting`."""
     spec = str(spec).strip()
     given, name = name, name or default_name(spec)
     if spec == "teacher" or spec.startswith("teacher:"):
-        tcfg = cfg.teacher if spec == "teacher" else teacher_config(spec.partition(":")[2])
+        tcfg = cfg.teacher if spec == "teacher" else teacher_config(spec.partition(":")[2], setting)
         subject = teacher_subject(tcfg, int(cfg.get("seed", 0)), name, spec)
     else:
         path = Path(spec).expanduser()
-        check(path.exists(), f"diagnose.checkpoints: {spec} does not exist; pass a run directory, a .safetensors or "
+        check(path.exists(), f"{setting}: {spec} does not exist; pass a run directory, a .safetensors or "
                              f".ckpt file, or teacher:<config>")
         if path.is_dir():
             path = run_artifact(path)
@@ -140,7 +141,7 @@ def load_subject(spec: str, cfg: DictConfig, name: str | None = None) -> Subject
         elif path.suffix in FOREIGN_WEIGHTS:  # a teacher's own weights: the architecture comes from teacher=
             subject = foreign_subject(path, cfg, name)
         else:
-            raise FDLightError(f"diagnose.checkpoints: {path} is not a checkpoint fdlight can read (expected a run "
+            raise FDLightError(f"{setting}: {path} is not a checkpoint fdlight can read (expected a run "
                                f"directory, .safetensors, .ckpt, .pt, .pth or .bin)")
     subject.model.eval()
     subject.name = given or display_name(subject)
@@ -335,7 +336,7 @@ def check_projector_teacher(run: DistillRun, source: str) -> None:
 # ------------------------------------------------------------------------------------------------ evaluation set
 def eval_dataset(data_cfg: DictConfig, img_size: int, num_images: int):
     """A fixed subset of the data's validation split at `img_size` (eval transform): the first `num_images` synthetic
-    scenes, or `num_images` evenly spaced images of an ImageFolder's val/."""
+    scenes, or `num_images` evenly spaced images of an ImageFolder's val/ (or of its shards, data=shards)."""
     from torch.utils.data import Subset
 
     check(isinstance(num_images, int) and num_images > 0,
@@ -344,7 +345,7 @@ def eval_dataset(data_cfg: DictConfig, img_size: int, num_images: int):
     tf = eval_transform(img_size)
     if data_cfg.name == "synthetic":
         return SyntheticClassification("val", num_images, data_cfg.raw_size, data_cfg.num_classes, data_cfg.seed, tf)
-    full = SafeImageFolder(class_folder(data_cfg.root, "val"), tf, bool(data_cfg.get("strict", False)))
+    full = ClassificationData(data_cfg, 1, None, tf, with_val=True).split("val", tf)  # a folder or its shards
     check(len(full) > 0, f"{data_cfg.root}/val holds no images, so the evaluation subset is empty; add images")
     n = min(num_images, len(full))
     idx = torch.linspace(0, len(full) - 1, n).round().long().unique().tolist()

@@ -197,6 +197,8 @@ class Throughput(Callback):
         if self._epoch[1] > 0:
             images, seconds = self._epoch[0], self._epoch[1]
         module.log("train/img_per_s", images / max(seconds, 1e-9), prog_bar=True)
+        if module.device.type == "cuda":
+            module.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(module.device) / 2 ** 30)
 
     def _read(self) -> tuple[int, float]:
         """Add up the steps timed on the GPU since the last read (waits for the last of them only)."""

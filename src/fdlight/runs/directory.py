@@ -24,7 +24,7 @@ RUN_MARKERS = ("checkpoints", "metrics.json", "config.yaml", "student.safetensor
 LOCK = ".fdlight.lock"  # held (flock) by the process training the run; holds its pid
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
 # Settings that change how a run computes but not what: a resume may change them freely.
-RESUME_FREE = ("resume", "resume_allow_changes", "data.num_workers", "logger", "hydra")
+RESUME_FREE = ("resume", "resume_allow_changes", "data.num_workers", "logger", "hydra", "monitor")
 RESUME_FREE_LEAVES = ("num_threads",)
 # A complete run resumed with a new budget (resume_allow_changes=true) trains on to it instead of being left as it is.
 BUDGET_LEAVES = ("max_steps", "epochs")

@@ -23,9 +23,11 @@ from fdlight.artifacts import write_json
 from fdlight.data.source import data_text, data_used
 from fdlight.data.listing import kept_in, save_listings
 from fdlight.errors import FDLightError
+from fdlight.models.layout import timm_layout
 from fdlight.runs.callbacks import Throughput
 from fdlight.runs.directory import Claim, claim, discard_new, exclusive, is_secondary_rank, save_config
 from fdlight.runs.gather import trained_state_dict
+from fdlight.runs.monitor import build_monitor, check_monitor
 from fdlight.runs.trainer import build_trainer, cpu_threads
 from fdlight.runs.world import accumulation, peers
 from fdlight.settings import check_sections
@@ -91,6 +93,8 @@ class Stage:
             check_sections(cfg)
             if s is not None and s.get("total_batch_size") is not None:
                 accumulation(cfg.trainer, s)  # a total the processes here cannot make up: one line, nothing written
+            if getattr(self, "monitored", None) and cfg.get("monitor") is not None:
+                check_monitor(cfg.monitor)
             self.validate(cfg)
             with exclusive(run_dir):
                 claimed = claim(cfg, run_dir, self.checkpointed)
@@ -135,6 +139,7 @@ class TrainingStage(Stage):
     """A stage that trains one LightningModule: the template's execute for all of them."""
 
     weights_prefix = "model."  # the module's submodule whose weights are exported
+    monitored: str | None = None  # the module's submodule whose features monitor=knn follows (None: not monitored)
 
     def fit(self, trainer: L.Trainer, built: Training, resume: Path | None) -> dict:
         """Train, then validate once more unless the final weights were just validated; the validation metrics."""
@@ -154,11 +159,20 @@ class TrainingStage(Stage):
         """Write the trained weights (rank 0 only); the paths written."""
         return []
 
+    def monitor(self, cfg: DictConfig, built: Training) -> list:
+        """[the monitor=knn callback] when the stage is monitored and the data allow it, else []."""
+        if not self.monitored or cfg.get("monitor") is None:
+            return []
+        model = getattr(built.module, self.monitored)
+        found = build_monitor(cfg, timm_layout(model).img_size, self.monitored)
+        return [found] if found else []
+
     def execute(self, cfg: DictConfig, run_dir: Path, built: Training, claimed: Claim) -> dict:
         s = self.settings(cfg)
         meter = Throughput()
         before = set(run_dir.iterdir()) if run_dir.is_dir() else set()  # the run's log
-        trainer = build_trainer(cfg, s, run_dir, callbacks=[meter, *built.callbacks], validate=built.validate,
+        monitor = self.monitor(cfg, built)
+        trainer = build_trainer(cfg, s, run_dir, callbacks=[meter, *monitor, *built.callbacks], validate=built.validate,
                                 wrap_classes=built.wrap_classes, checkpoint_every=s.get("checkpoint_every_n_steps"))
         save_config(cfg, run_dir)  # once the trainer is built: a trainer config that cannot run here leaves no run
         if not is_secondary_rank():
@@ -181,7 +195,7 @@ class TrainingStage(Stage):
         module = built.module
         metrics = {**self.record(cfg, built), **val, "first_loss": module.first_loss,
                    "last_loss": module.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
-                   "wall_s": wall}
+                   "wall_s": wall, **(monitor[0].metrics() if monitor else {})}
         state = trained_state_dict(trainer, module, self.weights_prefix) if self.weights_prefix else {}
         if trainer.is_global_zero:  # the gathering above is collective under FSDP: every rank ran it
             artifacts = self.export(cfg, run_dir, built, state)

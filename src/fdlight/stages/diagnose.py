@@ -308,6 +308,9 @@ def log_to_wandb(cfg: DictConfig, run_dir: Path, pngs: list[Path], summaries: di
     scalars = {f"diagnose/{n}/{k}": float(v) for n, s in summaries.items() for k, v in s.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     logger.log_metrics(scalars)
+    columns = sorted({k for s in summaries.values() for k, v in s.items() if not isinstance(v, dict)})
+    logger.log_table(key="diagnose/summary", columns=["checkpoint", *columns],
+                     data=[[n, *(s.get(k) for k in columns)] for n, s in summaries.items()])
     finish_wandb()
 
 

@@ -51,6 +51,7 @@ class Distill(TrainingStage):
     the run was asked for, for the model card (the command line by default)."""
     name = "distill"
     weights_prefix = "student."
+    monitored = "student"
 
     def __init__(self, student: nn.Module | None = None, teacher: Teacher | None = None, command: str | None = None):
         self.student, self.teacher, self.command = student, teacher, command

@@ -90,6 +90,7 @@ def finetune_transforms(cfg: DictConfig, img_size: int) -> tuple:
 # ---------------------------------------------------------------------------------------------------------- stage
 class Finetune(ClassificationStage):
     name = "finetune"
+    monitored = "model"
 
     def validate(self, cfg: DictConfig) -> None:
         super().validate(cfg)

@@ -8,7 +8,9 @@
 4. optionally (`pipeline.diagnose`): attention-distance spread and loss-landscape sharpness of teacher and FD student,
    both landscapes on one loss (a linear probe's cross entropy);
 5. optionally (`pipeline.segment`): UPerNet segmentation of teacher and FD student with the same budget;
-6. results.md and metrics.json: top-1 of each fine-tuned model, the FD loss first -> last, the wall time of each step.
+6. optionally (`pipeline.knn`): k-NN top-1 of the frozen features of the teacher, the FD student and the scratch
+   baseline (stage=knn);
+7. results.md and metrics.json: top-1 of each fine-tuned model, the FD loss first -> last, the wall time of each step.
 """
 from __future__ import annotations
 
@@ -32,17 +34,23 @@ from fdlight.runs.template import Stage
 from fdlight.stages.diagnose import STAGE as DIAGNOSE, read_summary
 from fdlight.stages.distill import STAGE as DISTILL
 from fdlight.stages.finetune import STAGE as FINETUNE
+from fdlight.stages.knn import STAGE as KNN
 from fdlight.stages.segment import segmentation_miou
 
 log = logging.getLogger(__name__)
-STEP_STAGES = {"distill": DISTILL, "finetune": FINETUNE, "diagnose": DIAGNOSE}
+STEP_STAGES = {"distill": DISTILL, "finetune": FINETUNE, "diagnose": DIAGNOSE, "knn": KNN}
 LABELS = {"teacher": "teacher trained from scratch with labels", "distill": "FD: teacher -> fresh student",
           "finetune_teacher": "teacher fine-tuned", "finetune_student": "FD student fine-tuned",
           "finetune_scratch": "student architecture fine-tuned from random weights",
           "diagnose": "attention and loss landscape of teacher and FD student",
-          "segment_teacher": "segmentation on the teacher", "segment_fd_student": "segmentation on the FD student"}
+          "segment_teacher": "segmentation on the teacher", "segment_fd_student": "segmentation on the FD student",
+          "knn_teacher": "k-NN of the teacher", "knn_fd_student": "k-NN of the FD student",
+          "knn_scratch": "k-NN of the scratch baseline"}
 NUMBERS = {"teacher": "1", "distill": "2", "finetune_teacher": "3a", "finetune_student": "3b",
-           "finetune_scratch": "3c", "diagnose": "4", "segment_teacher": "5", "segment_fd_student": "5"}
+           "finetune_scratch": "3c", "diagnose": "4", "segment_teacher": "5", "segment_fd_student": "5",
+           "knn_teacher": "6", "knn_fd_student": "6", "knn_scratch": "6"}
+# step 6: the row of the results table whose model each k-NN step evaluates (frozen features)
+KNN_STEPS = {"teacher": "knn_teacher", "distill": "knn_fd_student", "finetune_scratch": "knn_scratch"}
 # diagnose step: every checkpoint is scored on this one loss, so that the sharpness row compares like with like
 LANDSCAPE_LOSS = "probe"
 
@@ -129,13 +137,21 @@ def run_steps(cfg: DictConfig, run_dir: Path) -> dict:
         extra["diagnose"] = diagnose_step(cfg, pair, run_dir, resume)
     if p.get("segment"):
         extra["segment"] = segment_step(cfg, pair, run_dir, resume)
+    if p.get("knn"):
+        models = {"teacher": teacher_file, "distill": pair["fd_student"],
+                  "finetune_scratch": run_dir / "3c_finetune_scratch" / "model.safetensors"}
+        for row, path in models.items():
+            if row in steps:
+                settings = {**dict(p.get("knn_settings") or {}), "pretrained": str(path)}
+                sub = with_stage(cfg, "knn", {"knn": settings})
+                steps[row]["knn_top1"] = run_step(KNN_STEPS[row], sub, run_dir, resume)["top1"]
     metrics = summarize(steps)
     read = steps["finetune_teacher"]  # every step reads the same data; fine-tuning reads both splits
     metrics.update(data_used(cfg.data, read.get("train_images"), read.get("val_images")))
     metrics.update(flatten_extra(extra))
     metrics["total_wall_s"] = sum(v for k, v in metrics.items() if k.endswith("wall_s") and v is not None)
     text = results_markdown(cfg, steps, metrics, extra)
-    log.info("pipeline step 6: results (results.md, metrics.json) in %s", run_dir)
+    log.info("pipeline step 7: results (results.md, metrics.json) in %s", run_dir)
     write_text(run_dir / "results.md", text)
     print(text, flush=True)
     return metrics
@@ -192,7 +208,7 @@ def flatten_extra(extra: dict) -> dict:
 def summarize(steps: dict[str, dict]) -> dict:
     out: dict = {"stage": "pipeline"}
     for name, m in steps.items():
-        for key in ("val/top1", "val/top5", "img_per_s", "first_loss", "last_loss", "steps"):
+        for key in ("val/top1", "val/top5", "knn_top1", "img_per_s", "first_loss", "last_loss", "steps"):
             if m.get(key) is not None:
                 out[f"{name}/{key}"] = m[key]
         out[f"{name}/wall_s"] = m.get("step_wall_s", m.get("wall_s"))
@@ -244,14 +260,14 @@ def extra_rows(extra: dict, diagnose_settings: DictConfig) -> list[str]:
 
 def results_markdown(cfg: DictConfig, steps: dict[str, dict], metrics: dict, extra: dict | None = None) -> str:
     # img/s: the training steps alone, the run's mean (the progress lines give the same measure per epoch)
-    rows = ["| step | run | val top-1 | val top-5 | FD loss first -> last | train-step img/s | wall (s) |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| step | run | val top-1 | val top-5 | k-NN top-1 | FD loss first -> last | train-step img/s | wall (s) |",
+            "|---|---|---|---|---|---|---|---|"]
     for name, m in steps.items():
         loss = f"{m['first_loss']:.4f} -> {m['last_loss']:.4f}" if name == "distill" else "–"
         top1 = None if name == "distill" else m.get("val/top1")
         rows.append(f"| {NUMBERS[name]} | {LABELS[name]} ({m.get('steps', '?')} steps) | {_pct(top1)} | "
-                    f"{_pct(m.get('val/top5'))} | {loss} | {_num(m.get('img_per_s'), '.0f')} | "
-                    f"{_num(m.get('step_wall_s', m.get('wall_s')), '.1f')} |")
+                    f"{_pct(m.get('val/top5'))} | {_pct(m.get('knn_top1'))} | {loss} | "
+                    f"{_num(m.get('img_per_s'), '.0f')} | {_num(m.get('step_wall_s', m.get('wall_s')), '.1f')} |")
     t, s = metrics["finetune_teacher/val/top1"], metrics["finetune_student/val/top1"]
     n = int(cfg.data.get("num_val") or 0)
     noise = f" (one seed, {n} validation images: about ±{200 * math.sqrt((t * (1 - t) + s * (1 - s)) / n):.1f} " \

@@ -29,6 +29,7 @@ from fdlight.modules.distill import FeatureDistillation
 from fdlight.modules.shared import SharedTeacherDistillation, merge_checkpoints, split_checkpoint
 from fdlight.runs.callbacks import Throughput
 from fdlight.runs.directory import Claim, claim, exclusive, is_secondary_rank, save_config
+from fdlight.runs.monitor import build_monitor, check_monitor
 from fdlight.runs.gather import full_state_dict
 from fdlight.runs.template import Training, worker_error
 from fdlight.runs.trainer import AtomicCheckpointIO, build_logger, build_trainer, cpu_threads, on_gpu
@@ -217,6 +218,7 @@ def run(jobs: list[Job]) -> list[dict]:
         for job in jobs:
             try:
                 check_sections(job.cfg)
+                check_monitor(job.cfg.monitor)
                 DISTILL.validate(job.cfg)
             except FDLightError as e:
                 raise FDLightError(f"{job.label}: {e}") from None
@@ -252,7 +254,10 @@ def train(jobs: list[Job], claims: list[Claim]) -> list[dict]:
     meter = Throughput()
     loggers = [build_logger(j.cfg, j.run_dir, group=str(j.run_dir.parent)) for j in jobs]
     s = lead.distill
-    trainer = build_trainer(lead, s, dirs[0], callbacks=[meter, JobLogs(loggers, int(s.log_every_n_steps))],
+    monitors = [build_monitor(j.cfg, int(j.cfg.student.img_size), "student", k, [loggers[k]])
+                for k, j in enumerate(jobs)]  # each job its own curve, in its own logs
+    trainer = build_trainer(lead, s, dirs[0], callbacks=[meter, JobLogs(loggers, int(s.log_every_n_steps)),
+                                                         *(m for m in monitors if m)],
                             wrap_classes=block_classes(lead.student),
                             checkpoint_every=s.get("checkpoint_every_n_steps"),
                             logger=False, checkpoint_io=JobCheckpoints(dirs), logs=loggers)
@@ -280,7 +285,8 @@ def train(jobs: list[Job], claims: list[Claim]) -> list[dict]:
             built.extra["heads"] = {n: v for n, v in state.items() if not n.startswith("student.")}
         metrics = {**DISTILL.record(job.cfg, built), "first_loss": fd.first_loss,
                    "last_loss": fd.last_loss, "steps": trainer.global_step, "img_per_s": meter.img_per_s,
-                   "wall_s": wall, "shared_teacher": {"job": k, "jobs": len(jobs)}}
+                   "wall_s": wall, "shared_teacher": {"job": k, "jobs": len(jobs)},
+                   **(monitors[k].metrics() if monitors[k] else {})}
         if trainer.is_global_zero:
             student = {n[len("student."):]: v for n, v in state.items() if n.startswith("student.")}
             token = CURRENT_JOB.set(k)
