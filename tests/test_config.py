@@ -8,7 +8,7 @@ from conftest import compose
 from fdlight.config import group_choices
 from fdlight.settings import check_sections
 
-GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger")
+GROUPS = ("stage", "teacher", "student", "data", "whitening", "drop_path", "trainer", "logger", "monitor")
 NEEDS = {  # choices that need a value from the user to be complete
     ("teacher", "timm"): ["teacher.name=vit_small_patch16_224"],
     ("student", "timm"): ["student.name=resnet50"],

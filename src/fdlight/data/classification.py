@@ -77,6 +77,19 @@ class ClassificationData(L.LightningDataModule):
                                f"{len(train.classes)}); use the same class names in both")
         return train, val
 
+    def held_out(self):
+        """The held-out split alone, through the val transform (diagnostics, k-NN monitoring); a source with none
+        (a stream, images with nothing held out) is one FDLightError that says so."""
+        c = self.cfg
+        if c.name in ("synthetic", "images"):
+            val = self.splits(c)[1]
+        else:
+            check(c.name != "webdataset", "data=webdataset streams its shards and holds no val split")
+            check_root(c, with_val=True)
+            val = self.split("val", self.val_transform)
+        check(val is not None, f"data={c.name} holds no images out; set data.val_root or data.val_fraction")
+        return val
+
     def split(self, name: str, transform):
         """One split of a folder dataset: an ImageFolder tree, or the tar shards written from one (data=shards)."""
         c = self.cfg

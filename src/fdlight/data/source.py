@@ -20,9 +20,12 @@ def data_root(root, where: str) -> Path:
 
 
 def data_used(data_cfg: DictConfig, train=None, val=None) -> dict:
-    """metrics.json's data entries: `data`, `data_root` (null for a source that reads no folder) and the image count
-    of each split the run read (a dataset or a count; null for a split it did not read)."""
-    root = OmegaConf.select(data_cfg, "root", default=None)
+    """metrics.json's data entries: `data`, `data_root` (where it was read: data.root, data.list or data.urls; null
+    for the embedded data) and the image count of each split the run read (a dataset or a count; null for a split it
+    did not read)."""
+    root = next((v for k in ("root", "list", "urls") if (v := OmegaConf.select(data_cfg, k, default=None))), None)
+    if OmegaConf.is_list(root):
+        root = ",".join(map(str, root))
     return {"data": str(data_cfg.name), "data_root": str(Path(str(root)).expanduser()) if root else None,
             "train_images": _count(train), "val_images": _count(val)}
 

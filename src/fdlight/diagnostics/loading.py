@@ -345,8 +345,9 @@ def eval_dataset(data_cfg: DictConfig, img_size: int, num_images: int):
     tf = eval_transform(img_size)
     if data_cfg.name == "synthetic":
         return SyntheticClassification("val", num_images, data_cfg.raw_size, data_cfg.num_classes, data_cfg.seed, tf)
-    full = ClassificationData(data_cfg, 1, None, tf, with_val=True).split("val", tf)  # a folder or its shards
-    check(len(full) > 0, f"{data_cfg.root}/val holds no images, so the evaluation subset is empty; add images")
+    full = ClassificationData(data_cfg, 1, None, tf, with_val=True).held_out()  # any source that holds images out
+    check(len(full) > 0, f"the val split of data={data_cfg.name} holds no images, so the evaluation subset is empty; "
+                         f"add images")
     n = min(num_images, len(full))
     idx = torch.linspace(0, len(full) - 1, n).round().long().unique().tolist()
     subset = Subset(full, idx)

@@ -164,7 +164,9 @@ class TrainingStage(Stage):
         if not self.monitored or cfg.get("monitor") is None:
             return []
         model = getattr(built.module, self.monitored)
-        found = build_monitor(cfg, timm_layout(model).img_size, self.monitored)
+        # the layout the module measured (a student of one's own has no timm attributes), else timm's own
+        layout = getattr(built.module, f"{self.monitored}_layout", None) or timm_layout(model)
+        found = build_monitor(cfg, layout.img_size, self.monitored)
         return [found] if found else []
 
     def execute(self, cfg: DictConfig, run_dir: Path, built: Training, claimed: Claim) -> dict:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from fdlight.artifacts import save_safetensors, write_text
 from fdlight.config import section
 from fdlight.data.classification import ClassificationData, check_root
+from fdlight.data.source import data_used
 from fdlight.data.transforms import eval_transform
 from fdlight.diagnostics import knn
 from fdlight.diagnostics.loading import Subject, load_subject
@@ -109,7 +110,8 @@ class Embed(Stage):
                                      "split": str(s.split), "data": str(cfg.data.name)}),
                    write_text(run_dir / "index.txt", "".join(f"{name}\n" for name in built.names))]
         shutil.rmtree(parts)
-        metrics = {"stage": "embed", "pretrained": str(s.pretrained), "model": built.subject.name, "rows": n,
+        metrics = {"stage": "embed", **data_used(cfg.data, **{str(s.split): n}), "pretrained": str(s.pretrained),
+                   "model": built.subject.name, "rows": n,
                    "dim": int(tensors["embeddings"].shape[1]), "dtype": str(s.dtype), "spatial": bool(s.spatial),
                    "embedded_now": done, "img_per_s": done / wall if done and wall > 0 else None, "wall_s": wall}
         self.finish(run_dir, metrics, written)

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from fdlight.artifacts import write_text
 from fdlight.config import section
 from fdlight.data.classification import ClassificationData, check_root
+from fdlight.data.source import data_used
 from fdlight.data.transforms import eval_transform
 from fdlight.diagnostics import knn
 from fdlight.diagnostics.loading import Subject, load_subject
@@ -102,7 +103,8 @@ class Knn(Stage):
         queries, query_labels = embed(built.queries, s.get("max_queries"))
         result = knn.knn_accuracy(bank, bank_labels, queries, query_labels, int(s.k), float(s.temperature),
                                   built.num_classes)
-        metrics = {"stage": "knn", "pretrained": str(s.pretrained), "model": built.subject.name,
+        metrics = {"stage": "knn", **data_used(cfg.data, len(bank), len(queries)),
+                   "pretrained": str(s.pretrained), "model": built.subject.name,
                    "kind": built.subject.kind, "k": int(s.k), "temperature": float(s.temperature),
                    "pool": knn.describe_pool(built.pool, model),
                    "num_classes": built.num_classes, **result.as_dict(), "wall_s": time.perf_counter() - start}
