@@ -136,8 +136,9 @@ def test_a_student_with_triton_attention_computes_what_sdpa_computes():
 
 def test_a_distill_run_with_triton_attention_trains(tmp_path, one_thread):
     trainer = "trainer=gpu" if DEVICE == "cuda" else "trainer=cpu"
-    m = run_stage([trainer, "trainer.attention=triton", "distill.max_steps=4", "data.num_train=32"], tmp_path / "run")
-    assert m["steps"] == 4 and m["last_loss"] < m["first_loss"]
+    m = run_stage([trainer, "trainer.attention=triton", "distill.max_steps=3", "data.num_train=32",
+                   "distill.batch_size=4", "monitor=none"], tmp_path / "run")  # Triton's interpreter: the least work
+    assert m["steps"] == 3 and m["last_loss"] < m["first_loss"]
 
 
 def test_bad_attention_choices_are_refused_in_one_line():
