@@ -24,7 +24,7 @@ TINY = ["trainer=cpu", "logger=csv"]
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): run on one pytest-xdist worker with the rest of its group, "
-                                       "one at a time (several processes at once, or a process killed)")
+                                       "one at a time (\"processes\": tests that train on several processes at once)")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups

@@ -44,7 +44,6 @@ def test_an_image_folder_is_embedded_row_for_row_with_its_paths(tmp_path, one_th
                           atol=1e-6)
 
 
-@pytest.mark.xdist_group("processes")
 def test_a_killed_embed_resumes_to_the_uninterrupted_result(tmp_path, one_thread):
     data = ["data.num_train=512"]
     whole = tmp_path / "whole"

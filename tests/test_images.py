@@ -203,7 +203,6 @@ def test_a_listing_kept_in_the_run_directory_is_read_back(images, tmp_path):
     assert data.train_set.paths == [str(root / "2024/site_a/day2/tile.png"), str(root / "misc/alpha.png")]
 
 
-@pytest.mark.xdist_group("processes")
 def test_a_killed_run_resumes_bit_for_bit_on_the_images_it_listed(tmp_path):
     """24 images, a quarter held out, 4 a batch: 4 steps an epoch, 3 epochs, a checkpoint every 3 steps. Images
     added after the kill are not read by the resumed run (else its weights would differ from the run left alone)."""

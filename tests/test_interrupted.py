@@ -65,7 +65,6 @@ def test_a_second_process_on_a_training_run_is_refused_naming_the_first(tmp_path
     assert not (run / LOCK).exists()
 
 
-@pytest.mark.xdist_group("processes")
 def test_ctrl_c_says_which_step_the_kept_checkpoint_holds_and_resume_continues_one_log(tmp_path):
     run, args = tmp_path / "run", [*LONG, "distill.max_steps=150"]
     proc = start(args, run)
@@ -84,7 +83,6 @@ def test_ctrl_c_says_which_step_the_kept_checkpoint_holds_and_resume_continues_o
     assert logged_steps(run) == list(range(150))  # the steps logged after the checkpoint were replaced, not repeated
 
 
-@pytest.mark.xdist_group("processes")
 def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_if_never_stopped(tmp_path):
     args = [*TINY, "data.num_train=64", "distill.batch_size=8", "distill.epochs=2",
             "distill.checkpoint_every_n_steps=0", "distill.num_threads=1"]

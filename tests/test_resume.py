@@ -41,10 +41,15 @@ def train(args, run_dir: Path, env=None) -> str:
     return res.stdout + res.stderr
 
 
+def signal_session(pid: int, sig: int) -> None:
+    """Send `sig` to the session `pid` leads: the run and what it started (data workers, DDP ranks)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
+
+
 def kill_session(pid: int) -> None:
     """SIGKILL what is left of the session `pid` leads (data workers, DDP ranks)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+    signal_session(pid, signal.SIGKILL)
 
 
 def kill_when(args, run_dir: Path, ready, env=None) -> int:
@@ -61,11 +66,17 @@ def kill_when(args, run_dir: Path, ready, env=None) -> int:
     while proc.poll() is None and time.time() < deadline:
         step = checkpoint_step(last)
         if step is not None and ready(step):
-            os.kill(proc.pid, signal.SIGKILL)
-            kill_session(proc.pid)  # before the main process is reaped, so its group id cannot be reused
-            assert proc.wait() == -signal.SIGKILL
-            assert not (run_dir / "metrics.json").exists()
-            return checkpoint_step(last)
+            # stopped, the run cannot write the next checkpoint between this look and the kill (on a busy machine
+            # it did): kill it if the kept checkpoint is still a ready one, else let it go on to the next
+            signal_session(proc.pid, signal.SIGSTOP)
+            step = checkpoint_step(last)
+            if step is not None and ready(step):
+                os.kill(proc.pid, signal.SIGKILL)
+                kill_session(proc.pid)  # before the main process is reaped, so its group id cannot be reused
+                assert proc.wait() == -signal.SIGKILL
+                assert not (run_dir / "metrics.json").exists()
+                return step
+            signal_session(proc.pid, signal.SIGCONT)
         time.sleep(0.05)
     kill_session(proc.pid)
     raise AssertionError(f"the run ended (exit code {proc.wait()}) or ran out of time before it could be killed")

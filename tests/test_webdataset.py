@@ -140,7 +140,6 @@ def test_shards_with_no_readable_image_stop_the_run_in_one_line(tmp_path):
         next(iter(dl))
 
 
-@pytest.mark.xdist_group("processes")
 def test_a_killed_stream_resumes_bit_for_bit_with_the_same_workers(shards, tmp_path):
     """24 samples, 4 a batch, two workers: 6 steps an epoch, 3 epochs, a checkpoint every 4 steps (the kill lands
     mid-epoch, at step 8 or 16: the resumed readers drop what the epoch already trained on)."""

@@ -77,7 +77,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.xdist_group("processes")
 def test_a_rank_whose_peer_never_comes_stops_within_the_init_timeout(tmp_path):
     # rank 0 of a 2-node torchrun job whose second node never starts
     port = free_port()
