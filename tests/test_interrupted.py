@@ -16,7 +16,7 @@ import pytest
 
 from conftest import TINY, run_cli, run_stage
 from fdlight.runs.directory import LOCK, exclusive
-from test_resume import assert_same_weights, checkpoint_step, kill_session, logged_steps
+from test_resume import assert_same_weights, checkpoint_step, kill_session, logged_steps, signal_session
 
 # a run long enough to be caught training: a checkpoint every 2 steps, thousands of steps in all
 LONG = [*TINY, "data.num_train=64", "distill.batch_size=8", "distill.epochs=1000", "distill.checkpoint_every_n_steps=2",
@@ -70,7 +70,10 @@ def test_ctrl_c_says_which_step_the_kept_checkpoint_holds_and_resume_continues_o
     proc = start(args, run)
     last = run / "checkpoints" / "last.ckpt"
     wait_for(proc, lambda: (checkpoint_step(last) or 0) >= 4, "its checkpoint of step 4")
+    # the run is stopped while its Ctrl-C is sent: on a busy machine it could otherwise finish its 150 steps first
+    signal_session(proc.pid, signal.SIGSTOP)
     os.kill(proc.pid, signal.SIGINT)
+    signal_session(proc.pid, signal.SIGCONT)
     out = proc.communicate(timeout=120)[0]
     kill_session(proc.pid)
     kept = checkpoint_step(last)
