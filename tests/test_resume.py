@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, compose, run_cli
+from conftest import TINY, compose, run_cli, run_stage
 from fdlight.data.classification import ClassificationData
 from fdlight.data.seeded import EpochSampler, SeededSamples, training_loader
 from fdlight.data.transforms import fd_train_transform
@@ -103,7 +103,10 @@ def check_exact_resume(tmp_path, args, total: int, ready, outputs=("model.safete
     the step the resume started from."""
     if reference is None:
         reference = tmp_path / "reference"
-        train(args, reference, env)
+        if env is None:  # the run left alone, in this process (a new process costs seconds of imports)
+            run_stage(args, reference)
+        else:
+            train(args, reference, env)
     run_dir = tmp_path / "killed"
     killed_at = kill_when(args, run_dir, ready, env)
     assert 0 < killed_at < total
@@ -125,7 +128,7 @@ DISTILL = ["data.num_train=128", "distill.batch_size=16", "distill.epochs=4", "d
 @pytest.fixture(scope="module")
 def distill_reference(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("distill") / "reference"
-    train(DISTILL, run_dir)
+    run_stage(DISTILL, run_dir)  # left alone, in this process
     return run_dir
 
 
