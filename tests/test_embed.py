@@ -44,6 +44,23 @@ def test_an_image_folder_is_embedded_row_for_row_with_its_paths(tmp_path, one_th
                           atol=1e-6)
 
 
+
+def test_unlabelled_images_in_nested_folders_are_embedded_with_their_paths(tmp_path, one_thread):
+    """data=images has no labels: embedding needs none (the rows carry no labels, index.txt the files)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    files = [tmp_path / "photos" / "a" / "b" / f"{i}.jpg" for i in range(3)] + [tmp_path / "photos" / "z.png"]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(f)
+    m = run_stage([*EMBED, "data=images", f"data.root={tmp_path / 'photos'}", "data.num_workers=0"], tmp_path / "run")
+    rows = load_file(str(tmp_path / "run" / "embeddings.safetensors"))
+    assert m["rows"] == 4 == len(rows["embeddings"]) and "labels" not in rows
+    assert (tmp_path / "run" / "index.txt").read_text().splitlines() == [str(f) for f in sorted(files)]
+    assert m["data"] == "images" and m["train_images"] == 4
+
 def test_a_killed_embed_resumes_to_the_uninterrupted_result(tmp_path, one_thread):
     data = ["data.num_train=512"]
     whole = tmp_path / "whole"

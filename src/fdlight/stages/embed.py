@@ -32,6 +32,7 @@ from fdlight.runs.trainer import on_gpu
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
+FOLDER_SOURCES = ("imagenet", "shards")
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -74,7 +75,7 @@ class Embed(Stage):
         check(s.split in SPLITS, f"embed.split={s.split} is not a split; choose one of: {', '.join(SPLITS)}")
         check(str(s.dtype) in DTYPES, f"embed.dtype={s.dtype} is not stored; choose one of: {', '.join(DTYPES)}")
         check(s.pool in knn.POOLS, f"embed.pool={s.pool} is not a pooling; choose one of: {', '.join(knn.POOLS)}")
-        if cfg.data.name != "synthetic":
+        if cfg.data.name in FOLDER_SOURCES:  # the ImageFolder layout, checked before anything loads
             check_root(cfg.data, with_val=s.split == "val")
 
     def build(self, cfg: DictConfig) -> Built:
