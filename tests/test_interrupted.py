@@ -27,7 +27,13 @@ def start(args, run_dir: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "fdlight", *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=as_from_a_terminal)
+
+
+def as_from_a_terminal() -> None:
+    """Ctrl-C's default action, as a shell starts a command: a child inherits an ignored SIGINT, and Python then
+    leaves it ignored (Lightning ignores SIGINT in a process once it has handled one)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for(proc: subprocess.Popen, ready, what: str) -> None:
