@@ -31,9 +31,10 @@ def start(args, run_dir: Path) -> subprocess.Popen:
 
 
 def as_from_a_terminal() -> None:
-    """Ctrl-C's default action, as a shell starts a command: a child inherits an ignored SIGINT, and Python then
-    leaves it ignored (Lightning ignores SIGINT in a process once it has handled one)."""
+    """Ctrl-C delivered with its default action, as a shell starts a command: a child inherits an ignored or blocked
+    SIGINT (Lightning ignores SIGINT in a process once it has handled one), and Python then leaves it so."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def wait_for(proc: subprocess.Popen, ready, what: str) -> None:
