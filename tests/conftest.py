@@ -1,9 +1,11 @@
 """Shared fixtures: offline hubs, a Hydra compose of the real config tree, and stage runs in temporary folders."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,59 @@ def run_cli(args, cwd: Path, timeout: int = 600, env=None) -> subprocess.Complet
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run([sys.executable, "-m", "fdlight", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
+
+
+def run_main(args, cwd: Path | None = None, env=None) -> subprocess.CompletedProcess:
+    """`python -m fdlight ARGS` through its entry point, `fdlight.__main__.main`, in this process: its exit status
+    and what it printed (file descriptors 1 and 2, so data workers' lines too), as run_cli gives them, without the
+    seconds a new process spends importing torch and Lightning. What only a process of its own shows (a signal, a
+    refusal before torch loads, DDP ranks, a console in a file) keeps run_cli. The command line, working folder,
+    environment, logging and thread count are left as they were."""
+    from fdlight.__main__ import main
+
+    root = logging.getLogger()
+    saved = sys.argv, os.getcwd(), dict(os.environ), root.handlers[:], root.level, torch.get_num_threads()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    files = [tempfile.TemporaryFile() for _ in range(2)]
+    fds = [os.dup(1), os.dup(2)]
+    streams = sys.stdout, sys.stderr
+    try:
+        for fd, f in zip((1, 2), files):
+            os.dup2(f.fileno(), fd)
+        sys.stdout, sys.stderr = (open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
+                                  for fd in (1, 2))
+        sys.argv = ["fdlight", *map(str, args)]
+        os.environ.update({"PYTHONUNBUFFERED": "1", **(env or {})})
+        if cwd is not None:
+            os.chdir(cwd)
+        try:
+            main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        for handler in root.handlers:  # Hydra's, for this command's job: on streams that close here
+            if handler not in saved[3]:
+                handler.close()
+        sys.stdout.close()
+        sys.stderr.close()
+        sys.stdout, sys.stderr = streams
+        for fd, old in zip((1, 2), fds):
+            os.dup2(old, fd)
+            os.close(old)
+        sys.argv, cwd_before, environ, root.handlers[:], level, threads = saved
+        os.chdir(cwd_before)
+        os.environ.clear()
+        os.environ.update(environ)
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+    printed = []
+    for f in files:
+        f.seek(0)
+        printed.append(f.read().decode("utf-8", errors="replace"))
+        f.close()
+    return subprocess.CompletedProcess(["fdlight", *map(str, args)], code, *printed)
 
 
 def dense_lrs(module, total_steps: int = 10) -> dict[str, float]:

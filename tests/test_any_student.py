@@ -14,7 +14,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 import fdlight
-from conftest import compose, run_cli, run_stage
+from conftest import compose, run_main, run_stage
 from fdlight.constants import IMAGENET_MEAN, IMAGENET_STD
 from fdlight.errors import FDLightError
 from fdlight.models.exports import load_student, pooled_features
@@ -168,7 +168,7 @@ def test_a_timm_student_keeps_timms_init():
 
 # ------------------------------------------------------------------------------------------------------- bad input
 def test_an_unknown_timm_name_is_one_line_exit_2_and_no_run_directory(tmp_path):
-    res = run_cli(["student=timm", "student.name=resnet5O", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    res = run_main(["student=timm", "student.name=resnet5O", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == ("fdlight: error: unknown timm model 'resnet5O' for student.name; "
                                                    "did you mean resnet50 or resnet51q or resnet50t?")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose
+from conftest import compose, run_main
 from fdlight.config import group_choices
 from fdlight.settings import check_sections
 
@@ -63,7 +63,7 @@ def test_the_key_check_leaves_hydra_flags_and_deliberate_new_keys_alone():
 def test_help_lists_each_groups_choices_without_its_bases(tmp_path):
     from conftest import run_cli
 
-    res = run_cli(["--help"], cwd=tmp_path)
+    res = run_main(["--help"], cwd=tmp_path)
     groups = res.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = {g: c.split(", ") for g, c in (line.split(": ", 1) for line in groups.splitlines() if ": " in line)}
     assert res.returncode == 0 and not [c for choices in listed.values() for c in choices if c.startswith("_")]

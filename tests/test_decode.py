@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, compose, run_cli
+from conftest import TINY, compose, run_main
 from fdlight.bench.data import photo
 from fdlight.data.decode import DraftDecode, reduction
 from fdlight.data.gpu import EncodedView, collate_encoded, decode_batch
@@ -151,8 +151,8 @@ def test_strict_stops_at_the_first_unreadable_image_under_draft(tmp_path):
 def test_a_bad_decoder_is_one_line(tmp_path, args, expected):
     write_jpegs(tmp_path / "data", [(64, 48)], per_class=8)
     (tmp_path / "data" / "val").symlink_to(tmp_path / "data" / "train")
-    res = run_cli([*TINY, "data=imagenet", f"data.root={tmp_path / 'data'}", "data.num_workers=0", *args,
-                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    res = run_main([*TINY, "data=imagenet", f"data.root={tmp_path / 'data'}", "data.num_workers=0", *args,
+                    f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     lines = [line for line in res.stderr.splitlines() if line.startswith("fdlight: error:")]
     assert res.returncode == 2 and len(lines) == 1 and expected in lines[0], res.stderr[-2000:]
     assert not (tmp_path / "run").exists()
@@ -162,8 +162,8 @@ def test_a_distillation_run_decodes_its_batches_where_it_trains(tmp_path):
     """data.decode=gpu through Lightning's fit: the DataModule's on_before_batch_transfer decodes each batch (here
     on the CPU the trainer runs on)."""
     write_jpegs(tmp_path / "data", [(96, 72), (72, 96)], per_class=4)
-    res = run_cli([*TINY, "data=imagenet", f"data.root={tmp_path / 'data'}", "data.num_workers=1", "data.decode=gpu",
-                   "distill.batch_size=4", "distill.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    res = run_main([*TINY, "data=imagenet", f"data.root={tmp_path / 'data'}", "data.num_workers=1", "data.decode=gpu",
+                    "distill.batch_size=4", "distill.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["skipped_images"] == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose
+from conftest import compose, run_main
 from fdlight.data.ade20k import ADE20K
 from fdlight.data.coco import CocoDetection, decode_mask
 from fdlight.data.dense import (IGNORE, DetectionData, LargeScaleJitter, SegmentationData, SegmentationEvalTransform,
@@ -308,8 +308,8 @@ def test_cli_prints_one_line_for_a_bad_data_root(tmp_path):
 
     root = write_ade20k(tmp_path / "data")
     (root / "annotations").rename(root / "labels")
-    res = run_cli(["stage=segment", "data=ade20k", f"data.root={root}", "trainer=cpu",
-                   f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    res = run_main(["stage=segment", "data=ade20k", f"data.root={root}", "trainer=cpu",
+                    f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     errors = [line for line in res.stderr.splitlines() if line.startswith("fdlight: error:")]
     assert res.returncode == 2 and len(errors) == 1, res.stderr[-2000:]
     assert "has no annotations/ folder" in errors[0]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from conftest import TINY, compose, run_cli, run_stage
+from conftest import TINY, compose, run_main, run_stage
 from fdlight.data.synthetic import SyntheticClassification
 from fdlight.data.transforms import eval_transform
 from fdlight.diagnostics.loading import load_subject
@@ -273,7 +273,7 @@ def test_empty_image_folder_is_one_line(tmp_path):
 
 
 def test_cli_prints_the_error_in_one_line(artifacts, tmp_path):
-    res = run_cli([*TINY, *FAST, listing(artifacts["junk_st"]), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    res = run_main([*TINY, *FAST, listing(artifacts["junk_st"]), f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     lines = [line for line in res.stderr.splitlines() if line.startswith("fdlight: error:")]
     assert res.returncode == 2 and len(lines) == 1, res.stderr[-2000:]
     assert str(artifacts["junk_st"].name) in lines[0] and "cannot read checkpoint" in lines[0]

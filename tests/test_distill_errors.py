@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, compose, run_cli, run_stage
+from conftest import TINY, compose, run_main, run_stage
 from fdlight.errors import FDLightError
 from fdlight.stages.distill import build_distillation
 
@@ -38,17 +38,17 @@ def write_imagefolder(root: Path, classes=("cat", "dog"), per_class=10, corrupt=
 
 
 def test_unknown_teacher_lists_the_choices(tmp_path):
-    line = error_line(run_cli(["teacher=clip_vitz"], cwd=tmp_path))
+    line = error_line(run_main(["teacher=clip_vitz"], cwd=tmp_path))
     assert "unknown teacher 'clip_vitz'" in line and "clip_vitb" in line and "esvit_swinb" in line
 
 
 def test_unknown_student_lists_the_choices(tmp_path):
-    line = error_line(run_cli(["student=vit_h"], cwd=tmp_path))
+    line = error_line(run_main(["student=vit_h"], cwd=tmp_path))
     assert "unknown student 'vit_h'" in line and "swinv2_g" in line
 
 
 def test_drop_path_outside_range_is_refused(tmp_path):
-    line = error_line(run_cli([*FAST, "drop_path.student=1.2", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
+    line = error_line(run_main([*FAST, "drop_path.student=1.2", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
     assert "drop_path.student=1.2 is outside [0, 1)" in line
 
 
@@ -62,28 +62,28 @@ def test_token_grid_mismatch_names_both_grids_and_the_fix():
 
 def test_existing_run_directory_is_never_overwritten(tmp_path):
     run_dir = tmp_path / "run"
-    first = run_cli([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    first = run_main([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert first.returncode == 0
     console = first.stdout + first.stderr
     assert "train/loss" in console and "litlogger" not in console and "v_num" not in console  # no library noise
     digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run_dir.rglob("*") if p.is_file()
               and p.suffix != ".log"}
-    line = error_line(run_cli([*FAST, "drop_path.student=0.3", f"hydra.run.dir={run_dir}"], cwd=tmp_path))
+    line = error_line(run_main([*FAST, "drop_path.student=0.3", f"hydra.run.dir={run_dir}"], cwd=tmp_path))
     assert "already holds a run" in line and "resume=true" in line
     assert digest == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in digest}
 
 
 def test_resume_without_a_checkpoint_is_refused(tmp_path):
-    line = error_line(run_cli([*FAST, "resume=true", f"hydra.run.dir={tmp_path / 'new'}"], cwd=tmp_path))
+    line = error_line(run_main([*FAST, "resume=true", f"hydra.run.dir={tmp_path / 'new'}"], cwd=tmp_path))
     assert "no checkpoint at" in line
 
 
 def diverging_run(tmp_path: Path, checkpoint_every: int) -> tuple[Path, str]:
     """A distillation whose lr makes the loss non-finite within a few steps: its run directory and error line."""
     run_dir = tmp_path / "run"
-    res = run_cli([*TINY, "data.num_train=64", "distill.batch_size=16", "distill.epochs=20", "distill.base_lr=1e35",
-                   "distill.warmup_epochs=0", "distill.clip_grad=0",
-                   f"distill.checkpoint_every_n_steps={checkpoint_every}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    res = run_main([*TINY, "data.num_train=64", "distill.batch_size=16", "distill.epochs=20", "distill.base_lr=1e35",
+                    "distill.warmup_epochs=0", "distill.clip_grad=0",
+                    f"distill.checkpoint_every_n_steps={checkpoint_every}", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     return run_dir, error_line(res)
 
 
@@ -114,7 +114,7 @@ BAD_SETTINGS = {
 @pytest.mark.parametrize("case", BAD_SETTINGS)
 def test_bad_settings_fail_in_one_line_and_leave_no_run_directory(tmp_path, case):
     overrides, expected = BAD_SETTINGS[case]
-    line = error_line(run_cli([*FAST, *overrides, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path))
+    line = error_line(run_main([*FAST, *overrides, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path))
     assert re.search(expected, line), line
     assert not (tmp_path / "run").exists()  # not even Hydra's empty log
 
@@ -133,15 +133,15 @@ def test_non_finite_loss_before_any_checkpoint_says_so_and_logs_it(tmp_path):
 
 
 def test_missing_data_root_names_it(tmp_path):
-    line = error_line(run_cli([*FOLDER, f"data.root={tmp_path / 'nowhere'}",
-                               f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
+    line = error_line(run_main([*FOLDER, f"data.root={tmp_path / 'nowhere'}",
+                                f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
     assert "nowhere does not exist" in line
 
 
 def test_empty_data_root_says_how_to_arrange_it(tmp_path):
     (tmp_path / "imagenet" / "train").mkdir(parents=True)
-    line = error_line(run_cli([*FOLDER, f"data.root={tmp_path / 'imagenet'}",
-                               f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
+    line = error_line(run_main([*FOLDER, f"data.root={tmp_path / 'imagenet'}",
+                                f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
     assert "has no class folders" in line and "train/<class>/<image>" in line
 
 
@@ -168,14 +168,14 @@ def test_unreadable_image_is_an_error_when_strict(tmp_path):
 
 def test_a_failed_start_leaves_no_run_behind(tmp_path):
     run_dir = tmp_path / "run"
-    line = error_line(run_cli([*FAST, "student.img_size=64", f"hydra.run.dir={run_dir}"], cwd=tmp_path))
+    line = error_line(run_main([*FAST, "student.img_size=64", f"hydra.run.dir={run_dir}"], cwd=tmp_path))
     assert "token grids differ" in line
     assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
-    assert run_cli([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0  # the fixed command may reuse it
+    assert run_main([*FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path).returncode == 0  # the fixed command may reuse it
 
 
 def test_folder_data_without_a_root_says_which_option_to_set(tmp_path):
-    line = error_line(run_cli([*FOLDER, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
+    line = error_line(run_main([*FOLDER, f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path))
     assert "data=imagenet needs data.root=" in line
 
 

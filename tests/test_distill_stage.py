@@ -15,7 +15,7 @@ import timm
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from conftest import TINY, compose, run_cli, run_stage
+from conftest import TINY, compose, run_main, run_stage
 from fdlight.models.weights import read_export_metadata
 from fdlight.runs.trainer import build_trainer
 from fdlight.stages.distill import build_distillation
@@ -139,8 +139,8 @@ def test_shared_bias_table_is_decayed_like_the_official_code():
 
 def test_drop_path_sweep_runs_one_job_per_value(tmp_path):
     sweep = tmp_path / "sweep"
-    res = run_cli(["-m", "drop_path.student=0.1,0.2", "distill.max_steps=2", *TINY, "data.num_train=64",
-                   "distill.batch_size=16", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    res = run_main(["-m", "drop_path.student=0.1,0.2", "distill.max_steps=2", *TINY, "data.num_train=64",
+                    "distill.batch_size=16", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     rates = []
     for job in ("0", "1"):
@@ -169,7 +169,7 @@ def test_a_killed_run_resumes_at_its_step_count(tmp_path):
     proc.wait()
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 10 <= killed_at < 48 and not (run_dir / "metrics.json").exists()
-    res = run_cli([*args, "resume=true"], cwd=tmp_path)
+    res = run_main([*args, "resume=true"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 6 * 8
     # mid-epoch (as a rule): one fdlight line instead of Lightning's warning

@@ -7,7 +7,7 @@ from importlib import resources
 
 import pytest
 
-from conftest import compose, run_cli
+from conftest import compose, run_main
 from fdlight.errors import FDLightError
 from fdlight.settings import check_sections
 from fdlight.stages import run
@@ -110,9 +110,9 @@ def test_recipes_with_a_missing_data_root_fail_in_one_line(tmp_path):
                    "student=tiny", "trainer=cpu"])
     with pytest.raises(FDLightError, match=expected):
         run(cfg, tmp_path / "distill")
-    result = run_cli(["experiment=fd_finetune__dino_vit_base__img224__300ep", f"data.root={missing}",
-                      f"finetune.pretrained={tmp_path / 'student.safetensors'}", "trainer=cpu",
-                      f"hydra.run.dir={tmp_path / 'ft'}"],
-                     cwd=tmp_path, timeout=120)
+    result = run_main(["experiment=fd_finetune__dino_vit_base__img224__300ep", f"data.root={missing}",
+                       f"finetune.pretrained={tmp_path / 'student.safetensors'}", "trainer=cpu",
+                       f"hydra.run.dir={tmp_path / 'ft'}"],
+                      cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1] == f"fdlight: error: {expected}"

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY, compose, run_cli, run_stage
+from conftest import TINY, compose, run_main, run_stage
 from fdlight.data.synthetic import SyntheticClassification, make_scene
 from fdlight.data.transforms import eval_transform
 from fdlight.errors import FDLightError
@@ -200,7 +200,7 @@ def test_imagenet_without_a_root_and_a_wrong_class_count_are_explained(folders, 
 
 
 def test_cli_prints_one_line_for_a_bad_pretrained_file(tmp_path):
-    result = run_cli(["stage=finetune", "trainer=cpu", f"finetune.pretrained={tmp_path / 'nope.safetensors'}",
-                      f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120)
+    result = run_main(["stage=finetune", "trainer=cpu", f"finetune.pretrained={tmp_path / 'nope.safetensors'}",
+                       f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("fdlight: error: pretrained file not found")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, compose, run_cli, run_stage
+from conftest import TINY, compose, run_main, run_stage
 from fdlight.data.decode import DraftDecode
 from fdlight.data.gpu import EncodedView, GPUDecoding, collate_encoded, upright
 from fdlight.data.listing import kept_in, walk_images
@@ -184,8 +184,8 @@ def test_bad_input_is_one_line_and_leaves_no_run(images, tmp_path, args, expecte
 
 def test_the_cli_refuses_a_folder_with_no_images_in_one_line(tmp_path):
     (tmp_path / "photos" / "a").mkdir(parents=True)
-    res = run_cli([*TINY, "data=images", f"data.root={tmp_path / 'photos'}", f"hydra.run.dir={tmp_path / 'r'}"],
-                  cwd=tmp_path)
+    res = run_main([*TINY, "data=images", f"data.root={tmp_path / 'photos'}", f"hydra.run.dir={tmp_path / 'r'}"],
+                   cwd=tmp_path)
     lines = [line for line in res.stderr.splitlines() if line.startswith("fdlight: error:")]
     assert res.returncode == 2 and len(lines) == 1 and "holds no images" in lines[0], res.stderr[-2000:]
     assert not (tmp_path / "r").exists()

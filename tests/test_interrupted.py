@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, run_cli, run_stage
+from conftest import TINY, run_main, run_stage
 from fdlight.runs.directory import LOCK, exclusive
 from test_resume import assert_same_weights, checkpoint_step, kill_session, logged_steps, signal_session
 
@@ -58,7 +58,7 @@ def test_a_second_process_on_a_training_run_is_refused_naming_the_first(tmp_path
     first = start(LONG, run)
     try:
         wait_for(first, lambda: checkpoint_step(run / "checkpoints" / "last.ckpt") is not None, "its first checkpoint")
-        line = one_error(run_cli([*LONG, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path, timeout=120))
+        line = one_error(run_main([*LONG, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path))
         assert f"run directory {run} is being trained by another process (pid {first.pid})" in line
         assert first.poll() is None  # the first one trains on
     finally:
@@ -88,7 +88,7 @@ def test_ctrl_c_says_which_step_the_kept_checkpoint_holds_and_resume_continues_o
     assert len(said) == 1, out[-3000:]
     assert said[0].endswith(f"{last} holds step {kept}, and resume=true continues from it")
     assert not (run / "metrics.json").exists()
-    res = run_cli([*args, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path)
+    res = run_main([*args, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path)
     assert res.returncode == 0 and f"resuming at step {kept} of 150" in res.stdout, res.stderr[-3000:]
     assert logged_steps(run) == list(range(150))  # the steps logged after the checkpoint were replaced, not repeated
 
@@ -105,7 +105,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_if_ne
     kill_session(proc.pid)
     proc.wait()
     assert not (run / "checkpoints" / "last.ckpt").exists() and not (run / "metrics.json").exists()
-    res = run_cli([*args, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path)
+    res = run_main([*args, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     said = [ln for ln in (res.stdout + res.stderr).splitlines() if "before its first checkpoint" in ln]
     assert len(said) == 1 and said[0].endswith("training it again from step 0 with its own settings"), said

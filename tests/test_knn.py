@@ -149,11 +149,10 @@ def test_monitoring_leaves_training_bit_for_bit_as_it_was(distilled, tmp_path, o
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
 
 
-def test_without_labelled_val_split_monitoring_is_off_with_a_notice(tmp_path, capfd, monkeypatch):
+def test_without_labelled_val_split_monitoring_is_off_with_a_notice(tmp_path):
     write_imagefolder(tmp_path / "data", per_class=8)  # train/ only
     code, err = cli([*TINY, "data=imagenet", f"data.root={tmp_path / 'data'}", "data.num_workers=0",
-                     "distill.batch_size=8", "distill.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"],
-                    capfd, monkeypatch)
+                     "distill.batch_size=8", "distill.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}"])
     assert code == 0, err[-3000:]
     notes = [ln for ln in (tmp_path / "run" / "fdlight.log").read_text().splitlines() if "monitor=knn is off" in ln]
     assert len(notes) == 1 and "no val/ folder" in notes[0] and "monitor.data=" in notes[0]
@@ -161,16 +160,16 @@ def test_without_labelled_val_split_monitoring_is_off_with_a_notice(tmp_path, ca
     # a labelled set named with monitor.data monitors the same run
     code, err = cli([*TINY, "data=imagenet", f"data.root={tmp_path / 'data'}", "data.num_workers=0",
                      "distill.batch_size=8", "distill.max_steps=1", "monitor.data={name: synthetic, num_val: 16}",
-                     "monitor.k=5", f"hydra.run.dir={tmp_path / 'named'}"], capfd, monkeypatch)
+                     "monitor.k=5", f"hydra.run.dir={tmp_path / 'named'}"])
     assert code == 0, err[-3000:]
     monitor = json.loads((tmp_path / "named" / "metrics.json").read_text())["monitor"]
     assert monitor["num_images"] == 16 and [e["step"] for e in monitor["knn"]] == [0, 1]
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
-def test_bad_input_is_one_line_and_leaves_nothing(distilled, tmp_path, capfd, monkeypatch):
+def test_bad_input_is_one_line_and_leaves_nothing(distilled, tmp_path):
     def refused(args, run_dir):
-        line = one_error(*cli([*TINY, *KNN, *args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch))
+        line = one_error(*cli([*TINY, *KNN, *args, f"hydra.run.dir={run_dir}"]))
         assert not run_dir.exists(), list(run_dir.iterdir())
         return line
 

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_main
 from fdlight.config import compose
 from fdlight.errors import FDLightError
 from fdlight.models.adaptors import load_adaptors, teacher_features
@@ -306,14 +306,14 @@ BAD = {
 def test_bad_teacher_lists_fail_in_one_line_and_leave_no_run(case, tmp_path):
     args, expected = BAD[case]
     run_dir = tmp_path / "run"
-    line = error_line(run_cli([*TINY, *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path))
+    line = error_line(run_main([*TINY, *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path))
     assert expected in line, line
     assert not run_dir.exists()
 
 
 def test_two_teachers_end_to_end_from_the_command_line(tmp_path):
     run_dir = tmp_path / "run"
-    res = run_cli([PAIR, "distill.max_steps=5", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    res = run_main([PAIR, "distill.max_steps=5", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     for name in ("student.safetensors", "adaptors.safetensors", "metrics.json", "checkpoints/last.ckpt"):
         assert (run_dir / name).is_file(), name

@@ -2,9 +2,8 @@
 run's settings, a full disk leaves every artifact whole or absent, and a read-only run directory or bad input fails
 in one line and leaves nothing behind.
 
-The CLI runs as a user runs it: `python -m fdlight` in a subprocess where the process itself matters (a full or
-read-only mount, a resume), and its real entry point `fdlight.__main__.main` in this process for the many one-line
-checks (a subprocess costs ~20 s of imports on a busy CPU). A full disk is a real tmpfs; the sweep over every
+The CLI runs through its real entry point, `fdlight.__main__.main`, in this process (conftest.run_main): nothing here
+needs a process of its own, and a new one costs seconds of imports. A full disk is a real tmpfs; the sweep over every
 artifact makes the real fsync of one chosen file fail, since a real disk cannot fill up at a chosen file."""
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import yaml
 from PIL import Image
 from safetensors import safe_open
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_main
 from test_distill_errors import write_imagefolder
 
 DISTILL = [*TINY, "data.num_train=64", "distill.batch_size=8", "distill.checkpoint_every_n_steps=5"]
@@ -36,18 +34,10 @@ DIAGNOSE = [*TINY, "stage=diagnose", "diagnose.num_images=8", "diagnose.batch_si
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
-def cli(args: list[str], capfd, monkeypatch) -> tuple[int, str]:
+def cli(args: list[str]) -> tuple[int, str]:
     """`python -m fdlight ARGS` through its entry point in this process: (exit status, stderr)."""
-    from fdlight.__main__ import main
-
-    monkeypatch.setattr(sys, "argv", ["fdlight", *args])
-    capfd.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    return code, capfd.readouterr().err
+    res = run_main(args)
+    return res.returncode, res.stderr
 
 
 def one_error(code: int, stderr: str) -> str:
@@ -100,7 +90,7 @@ def steps(run_dir: Path) -> int:
 def finished(tmp_path_factory) -> Path:
     """A distill run of 7 steps, checkpointed every 5, made by `python -m fdlight`."""
     base = tmp_path_factory.mktemp("finished")
-    res = run_cli([*DISTILL, "distill.max_steps=7", f"hydra.run.dir={base / 'run'}"], cwd=base)
+    res = run_main([*DISTILL, "distill.max_steps=7", f"hydra.run.dir={base / 'run'}"], cwd=base)
     assert res.returncode == 0, res.stderr[-3000:]
     return base / "run"
 
@@ -139,9 +129,9 @@ def test_the_final_step_is_checkpointed_and_is_the_exported_model(finished):
         assert all(torch.equal(f.get_tensor(k), state[f"student.{k}"]) for k in f.keys())
 
 
-def test_the_final_step_is_checkpointed_in_a_downstream_stage(tmp_path, capfd, monkeypatch):
+def test_the_final_step_is_checkpointed_in_a_downstream_stage(tmp_path):
     run_dir = tmp_path / "seg"
-    code, err = cli([*SEGMENT, f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+    code, err = cli([*SEGMENT, f"hydra.run.dir={run_dir}"])
     assert code == 0, err[-3000:]
     assert steps(run_dir) == 3 == ckpt_step(run_dir / "checkpoints" / "last.ckpt")  # every 2 steps: 2, then 3
 
@@ -149,7 +139,7 @@ def test_the_final_step_is_checkpointed_in_a_downstream_stage(tmp_path, capfd, m
 # ------------------------------------------------------------------------------------------------------ resume
 def test_a_finished_run_stays_finished(finished):
     before = digest(finished)
-    res = run_cli([*DISTILL, "distill.max_steps=7", "resume=true", f"hydra.run.dir={finished}"], cwd=finished.parent)
+    res = run_main([*DISTILL, "distill.max_steps=7", "resume=true", f"hydra.run.dir={finished}"], cwd=finished.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     said = [ln for ln in (res.stdout + res.stderr).splitlines() if "is complete" in ln]
     assert len(said) == 1 and "(7 steps); nothing to do" in said[0], res.stdout + res.stderr
@@ -157,24 +147,24 @@ def test_a_finished_run_stays_finished(finished):
     assert digest(finished) == before  # the log included
 
 
-def test_a_resume_with_other_settings_is_refused_and_changes_nothing(finished, capfd, monkeypatch):
+def test_a_resume_with_other_settings_is_refused_and_changes_nothing(finished):
     before = digest(finished)
     code, err = cli([*DISTILL, "distill.max_steps=7", "distill.base_lr=0.001", "resume=true",
-                     f"hydra.run.dir={finished}"], capfd, monkeypatch)
+                     f"hydra.run.dir={finished}"])
     line = one_error(code, err)
     assert "distill.base_lr=0.001 (run: 0.0003)" in line and "resume_allow_changes=true" in line
     assert digest(finished) == before
 
 
-def test_a_longer_budget_needs_allow_changes_then_trains_on(finished, tmp_path, capfd, monkeypatch):
+def test_a_longer_budget_needs_allow_changes_then_trains_on(finished, tmp_path):
     """A complete 7-step run resumed with max_steps=9: refused (the step budget shapes the lr schedule, so it
     changes the result); with resume_allow_changes=true it trains on to step 9 rather than saying it is complete."""
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
     args = [*DISTILL, "distill.max_steps=9", "resume=true", f"hydra.run.dir={run_dir}"]
-    line = one_error(*cli(args, capfd, monkeypatch))
+    line = one_error(*cli(args))
     assert "distill.max_steps=9 (run: 7)" in line
-    code, err = cli([*args, "resume_allow_changes=true"], capfd, monkeypatch)
+    code, err = cli([*args, "resume_allow_changes=true"])
     assert code == 0, err[-3000:]
     assert steps(run_dir) == 9 == ckpt_step(run_dir / "checkpoints" / "last.ckpt")
     assert digest(run_dir)["student.safetensors"] != digest(finished)["student.safetensors"]
@@ -203,12 +193,12 @@ DISTILL_WRITES = {"config.yaml": 1, "checkpoints/last.ckpt": 1, "checkpoints/las
 
 
 @pytest.mark.parametrize("write", DISTILL_WRITES)
-def test_a_full_disk_at_each_distill_artifact(write, tmp_path, capfd, monkeypatch):
+def test_a_full_disk_at_each_distill_artifact(write, tmp_path, monkeypatch):
     artifact, nth = write.split(",")[0], DISTILL_WRITES[write]
     run_dir = tmp_path / "run"
     fail_fsync_of(monkeypatch, Path(artifact).name, nth)
     code, err = cli([*TINY, "data.num_train=16", "distill.batch_size=8", "distill.max_steps=2",
-                     "distill.checkpoint_every_n_steps=1", f"hydra.run.dir={run_dir}"], capfd, monkeypatch)
+                     "distill.checkpoint_every_n_steps=1", f"hydra.run.dir={run_dir}"])
     line = one_error(code, err)
     assert f"cannot write {run_dir / artifact}: the disk is full" in line
     names = assert_whole(run_dir)
@@ -226,20 +216,20 @@ STAGE_WRITES = {"diagnostics.json": DIAGNOSE, "attention_maps.safetensors": DIAG
 
 
 @pytest.mark.parametrize("artifact", STAGE_WRITES)
-def test_a_full_disk_at_each_diagnose_and_pipeline_artifact(artifact, tmp_path, capfd, monkeypatch):
+def test_a_full_disk_at_each_diagnose_and_pipeline_artifact(artifact, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     fail_fsync_of(monkeypatch, artifact)
-    line = one_error(*cli([*STAGE_WRITES[artifact], f"hydra.run.dir={run_dir}"], capfd, monkeypatch))
+    line = one_error(*cli([*STAGE_WRITES[artifact], f"hydra.run.dir={run_dir}"]))
     assert f"cannot write {run_dir / artifact}: the disk is full" in line
     names = assert_whole(run_dir)
     assert artifact not in names and "metrics.json" not in names
 
 
-def test_a_really_full_disk_at_the_export(tmpfs, capfd, monkeypatch):
+def test_a_really_full_disk_at_the_export(tmpfs):
     """The checkpoint fits, the exported weights do not: safetensors' own writer meets the full disk."""
     subprocess.run(["mount", "-o", "remount,size=1700k", str(tmpfs)], check=True)
     run_dir = tmpfs / "run"
-    line = one_error(*cli([*DISTILL, "distill.max_steps=5", f"hydra.run.dir={run_dir}"], capfd, monkeypatch))
+    line = one_error(*cli([*DISTILL, "distill.max_steps=5", f"hydra.run.dir={run_dir}"]))
     assert f"cannot write {run_dir / 'student.safetensors'}: the disk is full" in line
     names = assert_whole(run_dir)
     assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 5 and "student.safetensors" not in names
@@ -248,14 +238,14 @@ def test_a_really_full_disk_at_the_export(tmpfs, capfd, monkeypatch):
 def test_a_really_full_disk_keeps_the_last_good_checkpoint_and_resumes(tmpfs):
     run_dir = tmpfs / "run"
     args = [*DISTILL, "distill.max_steps=7", f"hydra.run.dir={run_dir}"]
-    res = run_cli(args, cwd=tmpfs.parent)
+    res = run_main(args, cwd=tmpfs.parent)
     line = one_error(res.returncode, res.stderr)
     assert f"cannot write {run_dir / 'checkpoints' / 'last.ckpt'}: the disk is full" in line  # the step-7 save
     names = assert_whole(run_dir)
     assert ckpt_step(run_dir / "checkpoints" / "last.ckpt") == 5
     assert "metrics.json" not in names and "student.safetensors" not in names
     subprocess.run(["mount", "-o", "remount,size=8m", str(tmpfs)], check=True)  # space again
-    res = run_cli([*args, "resume=true"], cwd=tmpfs.parent)
+    res = run_main([*args, "resume=true"], cwd=tmpfs.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     assert steps(run_dir) == 7 == ckpt_step(run_dir / "checkpoints" / "last.ckpt")
     assert_whole(run_dir)
@@ -265,7 +255,7 @@ def test_a_really_full_disk_keeps_the_last_good_checkpoint_and_resumes(tmpfs):
 @pytest.mark.parametrize("where", ["inside", "itself"])
 def test_a_read_only_run_directory_is_one_line(where, read_only):
     run_dir = read_only / "run" if where == "inside" else read_only
-    res = run_cli([*DISTILL, "distill.max_steps=1", f"hydra.run.dir={run_dir}"], cwd=read_only.parent)
+    res = run_main([*DISTILL, "distill.max_steps=1", f"hydra.run.dir={run_dir}"], cwd=read_only.parent)
     line = one_error(res.returncode, res.stderr)
     assert f"cannot write the run directory {run_dir}: the filesystem is read-only" in line
     assert "hydra.run.dir=" in line and res.stdout.strip() == ""
@@ -310,23 +300,22 @@ BAD_INPUT = {
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
-def test_bad_input_is_one_line_and_leaves_no_directory(case, files, tmp_path, capfd, monkeypatch):
+def test_bad_input_is_one_line_and_leaves_no_directory(case, files, tmp_path):
     import re
 
     args, expected = BAD_INPUT[case]
     run_dir = tmp_path / "run"
     args = [a.format(**files) for a in args]
-    line = one_error(*cli([*TINY, *args, f"hydra.run.dir={run_dir}"], capfd, monkeypatch))
+    line = one_error(*cli([*TINY, *args, f"hydra.run.dir={run_dir}"]))
     assert re.search(expected, line), line
     assert not run_dir.exists()
 
 
-def test_a_hub_teacher_offline_fails_within_seconds(tmp_path, capfd, monkeypatch):
+def test_a_hub_teacher_offline_fails_within_seconds(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run_dir = tmp_path / "run"
     start = time.perf_counter()
-    line = one_error(*cli([*TINY, "teacher=clip_vitb", "student.img_size=112", f"hydra.run.dir={run_dir}"], capfd,
-                          monkeypatch))
+    line = one_error(*cli([*TINY, "teacher=clip_vitb", "student.img_size=112", f"hydra.run.dir={run_dir}"]))
     assert time.perf_counter() - start < 60  # building ViT-B takes seconds; a hub client retrying takes minutes
     assert "cannot fetch weights for clip_vitb from the hub" in line and "teacher.weights=" in line
     assert not run_dir.exists()

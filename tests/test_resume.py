@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, compose, run_cli, run_stage
+from conftest import TINY, compose, run_cli, run_main, run_stage
 from fdlight.data.classification import ClassificationData
 from fdlight.data.seeded import EpochSampler, SeededSamples, training_loader
 from fdlight.data.transforms import fd_train_transform
@@ -36,7 +36,8 @@ def checkpoint_step(path: Path) -> int | None:
 
 
 def train(args, run_dir: Path, env=None) -> str:
-    res = run_cli([*TINY, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=env)
+    """`python -m fdlight ARGS`, in this process unless `env` sets an environment of its own (DDP ranks)."""
+    res = (run_cli if env else run_main)([*TINY, *args, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout + res.stderr
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, compose, run_cli, run_stage
+from conftest import TINY, compose, run_main, run_stage
 from fdlight.stages.distill import distill_data
 from test_decode import write_jpegs
 from test_resume import check_exact_resume
@@ -77,8 +77,8 @@ def test_shards_give_the_batches_of_the_folder_they_were_written_from(folder, sh
 
 
 def test_distill_and_finetune_run_on_shards(folder, shards, tmp_path):
-    res = run_cli([*TINY, "data=shards", f"data.root={shards}", "data.num_workers=1", "distill.batch_size=4",
-                   "distill.epochs=1", f"hydra.run.dir={tmp_path / 'distill'}"], cwd=tmp_path)
+    res = run_main([*TINY, "data=shards", f"data.root={shards}", "data.num_workers=1", "distill.batch_size=4",
+                    "distill.epochs=1", f"hydra.run.dir={tmp_path / 'distill'}"], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((tmp_path / "distill" / "metrics.json").read_text())
     assert metrics["steps"] == 7 and metrics["skipped_images"] == 1  # 28 samples in batches of 4, one unreadable
@@ -89,7 +89,7 @@ def test_distill_and_finetune_run_on_shards(folder, shards, tmp_path):
 
 
 def test_a_missing_index_names_the_command_that_writes_it(folder, tmp_path):
-    res = run_cli([*TINY, "data=shards", f"data.root={folder}", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    res = run_main([*TINY, "data=shards", f"data.root={folder}", f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
     lines = [line for line in res.stderr.splitlines() if line.startswith("fdlight: error:")]
     assert res.returncode == 2 and len(lines) == 1 and "has no train/index.json" in lines[0]
     assert "python -m fdlight.data.shards" in lines[0] and not (tmp_path / "r").exists()

@@ -18,7 +18,7 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, run_main
 from test_distill_errors import write_imagefolder
 from fdlight.models.weights import read_export_metadata
 from fdlight.modules.base import FIRST_LOSS_KEY
@@ -33,12 +33,13 @@ SHARED = "hydra/launcher=shared_teacher"
 STEPS = 16
 
 
-def sweep(values: list[str], sweep_dir: Path, *extra: str, flags=()) -> subprocess.CompletedProcess:
-    return run_cli(["-m", *flags, SHARED, *SHORT, *values, f"hydra.sweep.dir={sweep_dir}", *extra], sweep_dir.parent)
+def sweep(values: list[str], sweep_dir: Path, *extra: str, flags=(), run=run_main) -> subprocess.CompletedProcess:
+    """The sweep's command, in this process (run=run_cli: in a process of its own, as DDP ranks need)."""
+    return run(["-m", *flags, SHARED, *SHORT, *values, f"hydra.sweep.dir={sweep_dir}", *extra], sweep_dir.parent)
 
 
-def separate(overrides: list[str], run_dir: Path, *extra: str, flags=()) -> subprocess.CompletedProcess:
-    res = run_cli([*flags, *SHORT, *overrides, f"hydra.run.dir={run_dir}", *extra], run_dir.parent)
+def separate(overrides: list[str], run_dir: Path, *extra: str, flags=(), run=run_main) -> subprocess.CompletedProcess:
+    res = run([*flags, *SHORT, *overrides, f"hydra.run.dir={run_dir}", *extra], run_dir.parent)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -143,10 +144,10 @@ def test_a_killed_sweep_resumes_bit_for_bit(swept, tmp_path):
 def test_under_ddp_each_rank_holds_every_student_and_the_jobs_equal_separate_ddp_runs(tmp_path):
     # DDP over gloo on two CPU processes, the code path of trainer=ddp on GPUs
     ddp = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "distill.epochs=2"]
-    res = sweep(["drop_path.student=0.1,0.3", *ddp], tmp_path / "sweep")
+    res = sweep(["drop_path.student=0.1,0.3", *ddp], tmp_path / "sweep", run=run_cli)
     assert res.returncode == 0, res.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["0", "1", "multirun.yaml"]
-    separate(["drop_path.student=0.3", *ddp], tmp_path / "separate")  # job 1's (job 0's seeds are the default's)
+    separate(["drop_path.student=0.3", *ddp], tmp_path / "separate", run=run_cli)  # job 1's (job 0's: the default's)
     assert max_difference(tmp_path / "sweep/1/student.safetensors", tmp_path / "separate/student.safetensors") <= 1e-6
     for job in ("0", "1"):
         assert json.loads((tmp_path / "sweep" / job / "metrics.json").read_text())["steps"] == 4  # 64 / (2 x 16)
@@ -230,11 +231,11 @@ def test_a_kill_between_the_jobs_files_never_leaves_them_at_different_steps(tmp_
 
 
 def test_a_stage_other_than_distill_or_a_missing_dash_m_is_refused(tmp_path):
-    res = run_cli(["-m", "stage=finetune", "finetune.epochs=1", SHARED, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-                  tmp_path)
+    res = run_main(["-m", "stage=finetune", "finetune.epochs=1", SHARED, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                   tmp_path)
     assert res.returncode == 2 and "stage=finetune" in res.stderr.splitlines()[-1]
     assert not (tmp_path / "sweep").exists()
-    res = run_cli(["drop_path.student=0.1", SHARED, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    res = run_main(["drop_path.student=0.1", SHARED, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert res.returncode == 2 and "add -m" in res.stderr.splitlines()[-1] and not (tmp_path / "run").exists()
 
 
@@ -252,9 +253,9 @@ def test_a_refused_command_leaves_an_existing_sweep_as_it_was(swept, tmp_path):
 
 def test_a_sweep_whose_first_batch_fails_leaves_no_directory(tmp_path):
     write_imagefolder(tmp_path / "imagenet", per_class=4, corrupt=1)  # 9 images, one unreadable: the first batch
-    res = run_cli(["-m", SHARED, "trainer=cpu", "drop_path.student=0.1,0.3", "data=imagenet",
-                   f"data.root={tmp_path / 'imagenet'}", "data.strict=true", "data.num_workers=1",
-                   "distill.batch_size=9", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    res = run_main(["-m", SHARED, "trainer=cpu", "drop_path.student=0.1,0.3", "data=imagenet",
+                    f"data.root={tmp_path / 'imagenet'}", "data.strict=true", "data.num_workers=1",
+                    "distill.batch_size=9", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert res.returncode == 2 and "broken_0.JPEG" in res.stderr.splitlines()[-1], res.stderr[-2000:]
     assert not (tmp_path / "sweep").exists()
 
