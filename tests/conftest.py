@@ -68,11 +68,14 @@ def run_main(args, cwd: Path | None = None, env=None) -> subprocess.CompletedPro
     and what it printed (file descriptors 1 and 2, so data workers' lines too), as run_cli gives them, without the
     seconds a new process spends importing torch and Lightning. What only a process of its own shows (a signal, a
     refusal before torch loads, DDP ranks, a console in a file) keeps run_cli. The command line, working folder,
-    environment, logging and thread count are left as they were."""
+    environment, logging, thread count and Hydra's job config are left as they were."""
+    from hydra.core.hydra_config import HydraConfig
+
     from fdlight.__main__ import main
 
     root = logging.getLogger()
     saved = sys.argv, os.getcwd(), dict(os.environ), root.handlers[:], root.level, torch.get_num_threads()
+    hydra_job = HydraConfig.instance().cfg  # set by the command's job: a later in-process run is no Hydra job
     sys.stdout.flush()
     sys.stderr.flush()
     files = [tempfile.TemporaryFile() for _ in range(2)]
@@ -108,6 +111,7 @@ def run_main(args, cwd: Path | None = None, env=None) -> subprocess.CompletedPro
         os.environ.update(environ)
         root.setLevel(level)
         torch.set_num_threads(threads)
+        HydraConfig.instance().cfg = hydra_job
     printed = []
     for f in files:
         f.seek(0)

@@ -63,22 +63,28 @@ def kill_when(args, run_dir: Path, ready, env=None) -> int:
                             cwd=run_dir.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     last = run_dir / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 300
+    deadline, seen = time.time() + 300, None
     while proc.poll() is None and time.time() < deadline:
-        step = checkpoint_step(last)
-        if step is not None and ready(step):
-            # stopped, the run cannot write the next checkpoint between this look and the kill (on a busy machine
-            # it did): kill it if the kept checkpoint is still a ready one, else let it go on to the next
-            signal_session(proc.pid, signal.SIGSTOP)
-            step = checkpoint_step(last)
-            if step is not None and ready(step):
-                os.kill(proc.pid, signal.SIGKILL)
-                kill_session(proc.pid)  # before the main process is reaped, so its group id cannot be reused
-                assert proc.wait() == -signal.SIGKILL
-                assert not (run_dir / "metrics.json").exists()
-                return step
-            signal_session(proc.pid, signal.SIGCONT)
-        time.sleep(0.05)
+        # a look is a stat; the file is read only when a new one was renamed into place (a read takes milliseconds,
+        # and a checkpoint that comes and goes between two looks is missed)
+        with contextlib.suppress(FileNotFoundError):
+            stat = last.stat()
+            if (stat.st_ino, stat.st_mtime_ns) != seen:
+                step = checkpoint_step(last)
+                seen = (stat.st_ino, stat.st_mtime_ns) if step is not None else None
+                if step is not None and ready(step):
+                    # stopped, the run cannot write the next checkpoint between this look and the kill (on a busy
+                    # machine it did): kill it if the kept checkpoint is still a ready one, else let it go on
+                    signal_session(proc.pid, signal.SIGSTOP)
+                    step = checkpoint_step(last)
+                    if step is not None and ready(step):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        kill_session(proc.pid)  # before the main process is reaped, so its group id is not reused
+                        assert proc.wait() == -signal.SIGKILL
+                        assert not (run_dir / "metrics.json").exists()
+                        return step
+                    signal_session(proc.pid, signal.SIGCONT)
+        time.sleep(0.005)
     kill_session(proc.pid)
     raise AssertionError(f"the run ended (exit code {proc.wait()}) or ran out of time before it could be killed")
 
