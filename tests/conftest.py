@@ -1,8 +1,10 @@
 """Shared fixtures: offline hubs, a Hydra compose of the real config tree, and stage runs in temporary folders."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,55 +65,106 @@ def run_cli(args, cwd: Path, timeout: int = 600, env=None) -> subprocess.Complet
                           timeout=timeout, env=full_env)
 
 
-def run_main(args, cwd: Path | None = None, env=None) -> subprocess.CompletedProcess:
+# What a command run by run_main changes in the process that a new process would start without: restored after it.
+LIBRARY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric")  # fdlight.console routes them to the root
+
+
+def run_main(args, cwd: Path | None = None, env=None, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python -m fdlight ARGS` through its entry point, `fdlight.__main__.main`, in this process: its exit status
-    and what it printed (file descriptors 1 and 2, so data workers' lines too), as run_cli gives them, without the
-    seconds a new process spends importing torch and Lightning. What only a process of its own shows (a signal, a
-    refusal before torch loads, DDP ranks, a console in a file) keeps run_cli. The command line, working folder,
-    environment, logging, thread count and Hydra's job config are left as they were."""
+    and what it printed (file descriptors 1 and 2, so data workers' lines too; warnings printed as a new process
+    prints them), as run_cli gives them, without the seconds a new process spends importing torch and Lightning.
+    What only a process of its own shows (a signal, a refusal before torch loads or before a second process starts,
+    DDP ranks, a console in a file) keeps run_cli. The command line, working folder, environment, logging, warning
+    filters, random generators, thread count and fdlight's once-per-process state are left as they were; a command
+    still running after `timeout` seconds is stopped with an error."""
+    import random
+    import traceback
+    import warnings
+
+    import numpy as np
     from hydra.core.hydra_config import HydraConfig
 
+    from fdlight import console
     from fdlight.__main__ import main
+    from fdlight.sweeps import record
 
     root = logging.getLogger()
-    saved = sys.argv, os.getcwd(), dict(os.environ), root.handlers[:], root.level, torch.get_num_threads()
-    hydra_job = HydraConfig.instance().cfg  # set by the command's job: a later in-process run is no Hydra job
+    libraries = {name: (lg.handlers[:], lg.propagate) for name in LIBRARY_LOGGERS for lg in [logging.getLogger(name)]}
+    saved = (sys.argv, os.getcwd(), dict(os.environ), root.handlers[:], root.level, torch.get_num_threads(),
+             HydraConfig.instance().cfg, set(console._shown_once), dict(record._kept),
+             torch.get_rng_state(), np.random.get_state(), random.getstate())
     sys.stdout.flush()
     sys.stderr.flush()
     files = [tempfile.TemporaryFile() for _ in range(2)]
     fds = [os.dup(1), os.dup(2)]
     streams = sys.stdout, sys.stderr
+    wrappers = []
+
+    def too_long(signum, frame):
+        raise TimeoutError(f"python -m fdlight {' '.join(map(str, args))} ran past {timeout} s")
+
+    alarm = signal.signal(signal.SIGALRM, too_long)
     try:
         for fd, f in zip((1, 2), files):
             os.dup2(f.fileno(), fd)
-        sys.stdout, sys.stderr = (open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False)
-                                  for fd in (1, 2))
+        wrappers = [open(fd, "w", buffering=1, encoding="utf-8", errors="replace", closefd=False) for fd in (1, 2)]
+        sys.stdout, sys.stderr = wrappers
         sys.argv = ["fdlight", *map(str, args)]
         os.environ.update({"PYTHONUNBUFFERED": "1", **(env or {})})
         if cwd is not None:
             os.chdir(cwd)
-        try:
-            main()
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        with warnings.catch_warnings():  # a new process's filters, and its printing to stderr (not pytest's record)
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = warnings._showwarning_orig
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            try:
+                main()
+                code = 0
+            except SystemExit as e:  # as the interpreter reports it
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - a crash, as a process shows it (Hydra re-raises under a tracer)
+                traceback.print_exc()
+                code = 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
     finally:
+        signal.signal(signal.SIGALRM, alarm)
         for handler in root.handlers:  # Hydra's, for this command's job: on streams that close here
             if handler not in saved[3]:
                 handler.close()
-        sys.stdout.close()
-        sys.stderr.close()
+        for stream in (*wrappers, sys.__stdout__, sys.__stderr__):
+            stream.flush()
+        gc.collect()  # what the command left open (its run's files) is closed, as at a process's exit
+        for stream in wrappers:
+            stream.close()
         sys.stdout, sys.stderr = streams
         for fd, old in zip((1, 2), fds):
             os.dup2(old, fd)
             os.close(old)
-        sys.argv, cwd_before, environ, root.handlers[:], level, threads = saved
+        (sys.argv, cwd_before, environ, root.handlers[:], level, threads, HydraConfig.instance().cfg, shown, kept,
+         torch_rng, numpy_rng, python_rng) = saved
         os.chdir(cwd_before)
-        os.environ.clear()
-        os.environ.update(environ)
+        for key in set(os.environ) - set(environ):
+            del os.environ[key]
+        for key, value in environ.items():
+            if os.environ.get(key) != value:
+                os.environ[key] = value
         root.setLevel(level)
         torch.set_num_threads(threads)
-        HydraConfig.instance().cfg = hydra_job
+        console._shown_once.clear()
+        console._shown_once.update(shown)
+        record._kept.clear()
+        record._kept.update(kept)
+        torch.set_rng_state(torch_rng)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)
+        for name, (handlers, propagate) in libraries.items():
+            logging.getLogger(name).handlers[:] = handlers
+            logging.getLogger(name).propagate = propagate
     printed = []
     for f in files:
         f.seek(0)

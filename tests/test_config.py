@@ -61,8 +61,6 @@ def test_the_key_check_leaves_hydra_flags_and_deliberate_new_keys_alone():
 
 
 def test_help_lists_each_groups_choices_without_its_bases(tmp_path):
-    from conftest import run_cli
-
     res = run_main(["--help"], cwd=tmp_path)
     groups = res.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
     listed = {g: c.split(", ") for g, c in (line.split(": ", 1) for line in groups.splitlines() if ": " in line)}

@@ -304,8 +304,6 @@ def test_synthetic_scenes_feed_both_tasks():
 
 
 def test_cli_prints_one_line_for_a_bad_data_root(tmp_path):
-    from conftest import run_cli
-
     root = write_ade20k(tmp_path / "data")
     (root / "annotations").rename(root / "labels")
     res = run_main(["stage=segment", "data=ade20k", f"data.root={root}", "trainer=cpu",

@@ -1,7 +1,8 @@
-"""Runs stopped from outside, with real processes and real signals: one process per run directory (a second one is
-refused, naming the first; a killed one's lock goes with it), Ctrl-C says which step the kept checkpoint holds, and a
-run killed before its first checkpoint starts again from step 0 with resume=true and ends as if never stopped, its
-CSV log one file with every step once."""
+"""Runs stopped from outside, with real processes and real signals: one process per run directory (a second command
+on it, here run in the test's own process, is refused naming the first; a killed one's lock goes with it), Ctrl-C says
+which step the kept checkpoint holds, a run killed before its first checkpoint starts again from step 0 with
+resume=true and ends as if never stopped, and a run killed between a checkpoint and its step's row gets the row back:
+its CSV log one file with every step once."""
 from __future__ import annotations
 
 import json
@@ -114,3 +115,29 @@ def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_if_ne
     assert metrics["steps"] == json.loads((reference / "metrics.json").read_text())["steps"] == 16
     assert logged_steps(run) == list(range(16))
 
+
+
+def test_a_run_killed_between_a_checkpoint_and_its_steps_row_writes_the_row_back(tmp_path):
+    """Lightning writes a step's CSV row after the step's checkpoint, so a process killed in between (while the
+    checkpoint's folder is synced, or in the epoch's validation) leaves a checkpoint of step 3 and a log without the
+    row of step 2. The state such a kill leaves is made exactly: a 3-step run, checkpointed at step 3 in its last
+    step, without its row of step 2 and without what a finished run writes; resumed for 6 steps."""
+    run = tmp_path / "run"
+    args = ["data.num_train=64", "distill.batch_size=16", "distill.checkpoint_every_n_steps=3",
+            "distill.num_threads=1"]
+    run_stage([*args, "distill.max_steps=3"], run)
+    log = next((run / "logs").glob("*/metrics.csv"))
+    lines = log.read_text().splitlines()
+    header, rows = lines[0].split(","), lines[1:]
+    step_col, loss_col = header.index("step"), header.index("train/loss")
+    row_2 = next(r for r in rows if r.split(",")[step_col] == "2" and r.split(",")[loss_col])
+    log.write_text("\n".join([lines[0], *(r for r in rows if r != row_2)]) + "\n")
+    for name in ("metrics.json", "student.safetensors"):
+        (run / name).unlink()
+    assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 3 and logged_steps(run) == [0, 1]
+
+    res = run_main([*TINY, *args, "distill.max_steps=6", "resume=true", "resume_allow_changes=true",
+                    f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert res.returncode == 0 and "resuming at step 3 of 6" in res.stdout, res.stderr[-3000:]
+    assert logged_steps(run) == list(range(6))  # each step once: step 2's row written back, in its place
+    assert row_2 in log.read_text().splitlines()  # the very row the kill lost

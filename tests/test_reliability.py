@@ -102,13 +102,7 @@ def tmpfs(tmp_path):
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(mount)], check=True)
     yield mount
-    import logging
-
-    for handler in list(logging.getLogger().handlers):  # an in-process run's log file is still open there
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(mount):
-            handler.close()
-            logging.getLogger().removeHandler(handler)
-    subprocess.run(["umount", str(mount)], check=True)
+    subprocess.run(["umount", str(mount)], check=True)  # busy if a run left a file open there
 
 
 @pytest.fixture

@@ -69,13 +69,16 @@ def kill_when(args, run_dir: Path, ready, env=None) -> int:
         # and a checkpoint that comes and goes between two looks is missed)
         with contextlib.suppress(FileNotFoundError):
             stat = last.stat()
-            if (stat.st_ino, stat.st_mtime_ns) != seen:
+            key = stat.st_ino, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_size
+            if key != seen:
                 step = checkpoint_step(last)
-                seen = (stat.st_ino, stat.st_mtime_ns) if step is not None else None
+                seen = key if step is not None else None
                 if step is not None and ready(step):
                     # stopped, the run cannot write the next checkpoint between this look and the kill (on a busy
-                    # machine it did): kill it if the kept checkpoint is still a ready one, else let it go on
+                    # machine it did): kill it if the kept checkpoint is still a ready one, else let it go on. The
+                    # run (its main process saves) is waited for until it has stopped: a signal is not a stop.
                     signal_session(proc.pid, signal.SIGSTOP)
+                    os.waitid(os.P_PID, proc.pid, os.WSTOPPED | os.WEXITED | os.WNOWAIT)
                     step = checkpoint_step(last)
                     if step is not None and ready(step):
                         os.kill(proc.pid, signal.SIGKILL)
@@ -146,7 +149,7 @@ def test_distillation_killed_mid_epoch_with_data_workers_resumes_bit_for_bit(dis
 
 
 def test_distillation_killed_at_an_epoch_boundary_resumes_bit_for_bit(distill_reference, tmp_path):
-    killed_at = check_exact_resume(tmp_path, DISTILL, 32, lambda step: step >= 8 and step % 8 == 0,
+    killed_at = check_exact_resume(tmp_path, DISTILL, 32, lambda step: 8 <= step < 32 and step % 8 == 0,
                                    ("student.safetensors",), distill_reference)
     assert killed_at % 8 == 0
 

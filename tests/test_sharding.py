@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from conftest import TINY, compose, run_cli, run_main, run_stage
+from conftest import TINY, compose, run_cli, run_stage
 from fdlight.models.students import block_classes, build_student
 from fdlight.optim import original_ndims, param_groups
 from fdlight.runs.gather import full_state_dict
@@ -76,8 +76,8 @@ def test_fsdp_keeps_weight_decay_groups_and_gathers_full_weights(tmp_path):
 
 
 def test_sweep_with_a_multi_gpu_trainer_is_refused_in_one_line(tmp_path):
-    res = run_main(["-m", "trainer=ddp", "drop_path.student=0.1,0.2", f"hydra.sweep.dir={tmp_path / 's'}"],
-                   cwd=tmp_path)
+    res = run_cli(["-m", "trainer=ddp", "drop_path.student=0.1,0.2", f"hydra.sweep.dir={tmp_path / 's'}"],
+                  cwd=tmp_path)  # a process of its own: a regression would start DDP ranks
     lines = [l for l in res.stderr.splitlines() if l.startswith("fdlight: error:")]
     assert res.returncode == 2 and len(lines) == 1 and "trainer.devices=1" in lines[0]
 

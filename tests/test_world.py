@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, compose, run_cli, run_main, run_stage
+from conftest import TINY, compose, run_cli, run_stage
 from fdlight.errors import FDLightError
 from fdlight.runs.world import accumulation, total_batch, world_size
 
@@ -65,8 +65,8 @@ def test_a_total_the_processes_cannot_make_up_is_one_line():
 
 def test_the_release_recipe_with_a_second_node_it_does_not_have_is_one_line_and_no_run(tmp_path):
     run = tmp_path / "run"
-    res = run_main([RECIPE, *TINY, "teacher=tiny", "student=tiny", "data=synthetic", "trainer.num_nodes=2",
-                    f"hydra.run.dir={run}"], cwd=tmp_path)
+    res = run_cli([RECIPE, *TINY, "teacher=tiny", "student=tiny", "data=synthetic", "trainer.num_nodes=2",
+                   f"hydra.run.dir={run}"], cwd=tmp_path, timeout=60)  # a process of its own: a regression starts ranks
     assert "trainer.num_nodes=2 asks for 2 nodes" in one_error(res)
     assert not run.exists()
 

@@ -1,13 +1,19 @@
 """The run's CSV log: one file (logs/version_0/metrics.csv) for the run's whole life. Every checkpoint records how many
 rows the log held when it was taken; a resumed run cuts the log back to those rows and the row of the checkpoint's own
-step (Lightning logs it just after the checkpoint) before it trains, so the steps it trains again replace the ones a
-killed process logged after its last checkpoint, never appear twice."""
+step before it trains, so the steps it trains again replace the ones a killed process logged after its last
+checkpoint, never appear twice.
+
+Lightning writes a step's row after the step's checkpoint (its checkpoint callback runs in on_train_batch_end, the
+row comes after): a process killed in between (while the checkpoint's folder is synced, or during the epoch's
+validation) would lose that row for good, since the resumed run starts at the next step. So a checkpoint taken there
+also holds the row, and a resumed run whose log lacks it writes it back."""
 from __future__ import annotations
 
 import csv
 import io
 import os
 
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
@@ -38,6 +44,13 @@ class KeptWriter(ExperimentWriter):
     def save(self) -> None:
         self.rows += len(self.metrics)
         super().save()
+
+    def has_row(self, step: int, metrics: dict) -> bool:
+        """Whether the log on disk has a row of `step` holding each of `metrics`' names."""
+        if not os.path.isfile(self.metrics_file_path):
+            return False
+        return any(int(float(r.get("step") or -1)) == step and all(r.get(k) not in (None, "") for k in metrics)
+                   for r in self.read()[1])
 
     def keep(self, rows: int, step: int) -> None:
         """Cut the log back to its first `rows` rows and those after them of steps before `step` (none: the file
@@ -81,20 +94,69 @@ class RunLog(CSVLogger):
         return self.experiment.rows
 
 
+def unlogged_row(trainer) -> dict | None:
+    """The row Lightning is about to log for the step that just trained (called between the step's
+    on_train_batch_end and the row): {"step": s, "metrics": {...}}, or None where this step logs no row. It reads
+    Lightning's logger connector as Lightning does when it logs the row; where that changed, None."""
+    try:
+        connector, loop = trainer._logger_connector, trainer.fit_loop
+        if loop._should_accumulate() or not connector.should_update_logs:
+            return None
+        metrics = convert_tensors_to_scalars(connector.metrics["log"])
+        step = loop.epoch_loop._batches_that_stepped
+    except (AttributeError, KeyError, TypeError):
+        return None
+    if not metrics:
+        return None
+    metrics.pop("step", None)
+    return {"step": int(step), "metrics": {**metrics, "epoch": trainer.current_epoch}}
+
+
 class ContinuousLog(Callback):
-    """Records in each checkpoint how many rows every run log held, and cuts the logs back to the checkpoint's moment
-    when a run resumes (to nothing when it starts from step 0 again); a log the checkpoint does not know (an older
-    checkpoint's) is kept."""
+    """Records in each checkpoint how many rows every run log held (and the row of the step it was taken at, where
+    Lightning had not written it yet), and cuts the logs back to the checkpoint's moment when a run resumes (to
+    nothing when it starts from step 0 again); a log the checkpoint does not know (an older checkpoint's) is kept."""
 
     def __init__(self, logs):
         self.logs = list(logs)
         self.saved: dict[str, int] = {}
+        self.unlogged: dict | None = None  # the row a resumed run writes back, if its log lacks it
+        self.step_ended = False  # between a step's on_train_batch_end (checkpoints run last) and its row
+        self.trainer = None
 
     def state_dict(self) -> dict:
-        return {"rows": {lg.log_dir: lg.rows() for lg in self.logs}}
+        state = {"rows": {lg.log_dir: lg.rows() for lg in self.logs}}
+        own = self.own_log(self.trainer) if self.step_ended and self.trainer is not None else None
+        row = unlogged_row(self.trainer) if own is not None else None
+        if row is not None:
+            state["unlogged"] = {"log_dir": own.log_dir, **row}
+        return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.saved = dict(state_dict.get("rows") or {})
+        self.unlogged = state_dict.get("unlogged")
+
+    def own_log(self, trainer) -> RunLog | None:
+        """The trainer's own logger, when it is one of the run logs (a sweep's jobs log their rows themselves)."""
+        return next((lg for lg in self.logs if lg is trainer.logger), None)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.trainer = trainer
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.step_ended = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.step_ended = False
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.step_ended = False
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.step_ended = False
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.step_ended = False
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
@@ -103,3 +165,9 @@ class ContinuousLog(Callback):
             rows = 0 if trainer.global_step == 0 else self.saved.get(lg.log_dir)
             if rows is not None:
                 lg.experiment.keep(rows, trainer.global_step)
+        row = self.unlogged
+        own = self.own_log(trainer)
+        if trainer.global_step and row and own is not None and row.get("log_dir") == own.log_dir \
+                and not own.experiment.has_row(row["step"], row["metrics"]):
+            own.log_metrics(row["metrics"], step=row["step"])
+            own.save()
