@@ -6,6 +6,7 @@ its CSV log one file with every step once."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import TINY, run_main, run_stage
 from fdlight.runs.directory import LOCK, exclusive
@@ -88,10 +90,30 @@ def test_ctrl_c_says_which_step_the_kept_checkpoint_holds_and_resume_continues_o
     said = [ln for ln in out.splitlines() if ln.startswith("stopped at step")]
     assert len(said) == 1, out[-3000:]
     assert said[0].endswith(f"{last} holds step {kept}, and resume=true continues from it")
+    assert "KeyboardInterrupt" not in out  # Lightning's own shutdown notice goes to the log file only
     assert not (run / "metrics.json").exists()
     res = run_main([*args, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path)
     assert res.returncode == 0 and f"resuming at step {kept} of 150" in res.stdout, res.stderr[-3000:]
     assert logged_steps(run) == list(range(150))  # the steps logged after the checkpoint were replaced, not repeated
+
+
+def test_ctrl_c_during_a_save_names_the_step_the_file_holds(tmp_path, caplog):
+    """Ctrl-C that lands inside a checkpoint's save, after the file was renamed into place but before the save
+    returned, must name the step the file holds, not the save before."""
+    import lightning as L
+
+    from fdlight.runs.callbacks import RunCheckpoint
+
+    callback = RunCheckpoint(tmp_path / "checkpoints", every_n_train_steps=4)
+    callback.kept = 4  # the save before
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"global_step": 8, "state_dict": {"w": torch.zeros(3)}}, tmp_path / "checkpoints" / "last.ckpt")
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    with caplog.at_level(logging.INFO, logger="fdlight"):
+        callback.on_exception(trainer, None, KeyboardInterrupt())
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped at step")]
+    assert said == [f"stopped at step 0; {tmp_path / 'checkpoints' / 'last.ckpt'} holds step 8, and resume=true "
+                    f"continues from it"]
 
 
 def test_a_run_killed_before_its_first_checkpoint_starts_again_and_ends_as_if_never_stopped(tmp_path):

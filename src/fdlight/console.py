@@ -42,6 +42,8 @@ FILE_ONLY_MESSAGES = (
     "Restored all states from the checkpoint at",
     # the devices as Lightning sees them, at every Trainer: nothing to act on (the log file keeps them)
     "GPU available:", "TPU available:", "HPU available:", "LOCAL_RANK:",
+    # Ctrl-C: RunCheckpoint's one line says where the run stopped and how to go on
+    "\nDetected KeyboardInterrupt",
 )
 # Advice about the machine, the same for every stage of a process (the pipeline runs several): console once.
 ONCE_PER_PROCESS = ("You are using a CUDA device",)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import time
 from pathlib import Path
 
@@ -244,16 +245,26 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        """Ctrl-C: say what is kept and how to go on (Lightning only says it is shutting down)."""
+        """Ctrl-C: say what is kept and how to go on (Lightning only says it is shutting down). The step is read from
+        the file: a Ctrl-C during a save (after its rename, before the save returns) leaves `kept` one save behind."""
         if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
             return
         last = Path(self.dirpath) / "last.ckpt"
+        self.kept = saved_step(last, self.kept)
         if self.kept is None:
             log.info("stopped at step %d, before the first checkpoint; resume=true starts the run again from step 0",
                      trainer.global_step)
         else:
             log.info("stopped at step %d; %s holds step %d, and resume=true continues from it", trainer.global_step,
                      last, self.kept)
+
+
+def saved_step(path: Path, otherwise: int | None) -> int | None:
+    """The global step a checkpoint file holds (its tensors are mapped, not read), or `otherwise` without one."""
+    try:
+        return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+    except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError):
+        return otherwise
 
 
 class SeededSteps(Callback):
