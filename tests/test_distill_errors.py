@@ -87,6 +87,17 @@ def diverging_run(tmp_path: Path, checkpoint_every: int) -> tuple[Path, str]:
     return run_dir, error_line(res)
 
 
+@pytest.mark.parametrize("held", [[], ["mynotes.txt"]])
+def test_a_refused_resume_leaves_a_folder_of_ones_own_as_it_was(tmp_path, held):
+    run_dir = tmp_path / "mine"
+    run_dir.mkdir()
+    for name in held:
+        (run_dir / name).write_text("my own\n")
+    line = error_line(run_main([*FAST, "resume=true", f"hydra.run.dir={run_dir}"], cwd=tmp_path))
+    assert "no checkpoint at" in line
+    assert sorted(p.name for p in run_dir.iterdir()) == held  # the folder kept, and no log of the refusal added
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir, line = diverging_run(tmp_path, checkpoint_every=1)
     assert "non-finite FD loss" in line and "last good checkpoint is kept" in line

@@ -126,6 +126,9 @@ def check_run(argv: list[str]) -> None:
     run_dir = OmegaConf.select(cfg, "hydra.run.dir")
     if run_dir:
         check_writable(Path(str(run_dir)))
+        folder = Path(str(run_dir)).resolve()
+        BEFORE.clear()
+        BEFORE[folder] = frozenset(p.name for p in folder.iterdir()) if folder.is_dir() else None
 
 
 def check_config(cfg: DictConfig, choices, args: list[str]) -> None:
@@ -210,20 +213,31 @@ def check_sweep_launch(cfg: DictConfig) -> None:
                            "shared_teacher), or launch one job per value (hydra/launcher=submitit_slurm, or torchrun)")
 
 
+# A plain run's directory (resolved): the names it held before Hydra made anything there, None where there was none.
+BEFORE: dict[Path, frozenset[str] | None] = {}
+
+
 def record_error(run_dir: Path, error: FDLightError) -> None:
     """After a user error: a run that never started (its directory holds only this job's log: no config.yaml, no
-    checkpoint) leaves no directory; a command refused before its run started (a resume with other settings) leaves
-    the directory it names as it was; otherwise the error and its traceback go to the run's log file, beside what
-    the run logged before."""
+    checkpoint) leaves what Hydra made for it removed (the log, and the directory where there was none before); a
+    command refused before its run started (a resume with other settings, a folder of one's own) leaves the
+    directory it names as it was; otherwise the error and its traceback go to the run's log file, beside what the
+    run logged before."""
     own_log = run_dir / f"{HydraConfig.get().job.name}.log"
-    if own_log.is_file() and [p.name for p in run_dir.iterdir()] == [own_log.name]:
+    known = run_dir.resolve() in BEFORE
+    before = BEFORE.get(run_dir.resolve())
+    new_log = own_log.is_file() and (before is None or own_log.name not in before)
+    only_log = own_log.is_file() and [p.name for p in run_dir.iterdir()] == [own_log.name]
+    if only_log or (known and new_log and not error.run_started):
         for handler in logging.getLogger().handlers:  # release the file before removing it
             if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == own_log.resolve():
                 handler.close()
                 logging.getLogger().removeHandler(handler)
-        own_log.unlink()
-        with contextlib.suppress(OSError):
-            run_dir.rmdir()  # only when empty: never anything but what Hydra made for this job
+        if new_log:
+            own_log.unlink()
+        if before is None:
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()  # only when empty, and only one this command made
         return
     if not error.run_started:
         return
