@@ -163,3 +163,23 @@ def test_a_run_killed_between_a_checkpoint_and_its_steps_row_writes_the_row_back
     assert res.returncode == 0 and "resuming at step 3 of 6" in res.stdout, res.stderr[-3000:]
     assert logged_steps(run) == list(range(6))  # each step once: step 2's row written back, in its place
     assert row_2 in log.read_text().splitlines()  # the very row the kill lost
+
+
+def test_a_run_killed_after_its_last_checkpoint_writes_what_it_would_have(tmp_path):
+    """Killed after the checkpoint of its final step and before its exports: the resume trains nothing and writes
+    the exports with the losses of the run, not "n/a" (the state such a kill leaves is made exactly, as above)."""
+    run = tmp_path / "run"
+    args = ["data.num_train=48", "distill.batch_size=16", "distill.epochs=1", "distill.checkpoint_every_n_steps=3",
+            "distill.num_threads=1"]
+    whole = run_stage(args, run)
+    for name in ("metrics.json", "student.safetensors"):
+        (run / name).unlink()
+    assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 3
+
+    res = run_main([*TINY, *args, "resume=true", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming at step 3 of 3: every step is trained" in res.stdout and "epoch 2 of 1" not in res.stdout
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["steps"], metrics["first_loss"], metrics["last_loss"]) == (3, whole["first_loss"],
+                                                                              whole["last_loss"])
+    assert logged_steps(run) == [0, 1, 2] and (run / "student.safetensors").is_file()

@@ -19,6 +19,7 @@ import torch
 from fdlight.errors import FDLightError
 
 FIRST_LOSS_KEY = "fdlight_first_loss"
+LAST_LOSS_KEY = "fdlight_last_loss"  # a run resumed at its final step (killed before its exports) trains no step
 
 
 def check_finite(loss: torch.Tensor, module: L.LightningModule, what: str, fix: str) -> float:
@@ -173,7 +174,9 @@ class TrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_losses()  # a checkpoint never holds a step after a non-finite loss
         checkpoint[FIRST_LOSS_KEY] = self.first_loss
+        checkpoint[LAST_LOSS_KEY] = self.last_loss
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # fd_first_loss: the key of distillation checkpoints written before the modules shared one
         self.first_loss = checkpoint.get(FIRST_LOSS_KEY, checkpoint.get("fd_first_loss"))
+        self.last_loss = checkpoint.get(LAST_LOSS_KEY)

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from fdlight.data.seeded import STEP, derived_seed, seed_globals
 from fdlight.errors import FDLightError
-from fdlight.modules.base import FIRST_LOSS_KEY, TrainingModule, clip_norm
+from fdlight.modules.base import FIRST_LOSS_KEY, LAST_LOSS_KEY, TrainingModule, clip_norm
 from fdlight.modules.distill import FIRST_LOSSES_KEY, FeatureDistillation
 from fdlight.optim import closure_loss
 
@@ -159,11 +159,14 @@ class SharedTeacherDistillation(TrainingModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_losses()  # no checkpoint holds a step after any student's non-finite loss
         checkpoint[FIRST_LOSS_KEY] = [fd.first_loss for fd in self.students]
+        checkpoint[LAST_LOSS_KEY] = [fd.last_loss for fd in self.students]
         checkpoint[FIRST_LOSSES_KEY] = [dict(fd.first_losses) for fd in self.students]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        for fd, first, firsts in zip(self.students, checkpoint[FIRST_LOSS_KEY], checkpoint[FIRST_LOSSES_KEY]):
-            fd.first_loss, fd.first_losses = first, dict(firsts or {})
+        lasts = checkpoint.get(LAST_LOSS_KEY) or [None] * len(self.students)
+        for fd, first, last, firsts in zip(self.students, checkpoint[FIRST_LOSS_KEY], lasts,
+                                           checkpoint[FIRST_LOSSES_KEY]):
+            fd.first_loss, fd.last_loss, fd.first_losses = first, last, dict(firsts or {})
 
 
 def student_losses(students, x: torch.Tensor, before=None) -> list[tuple[torch.Tensor, dict]]:
@@ -183,13 +186,15 @@ def student_losses(students, x: torch.Tensor, before=None) -> list[tuple[torch.T
 def split_checkpoint(checkpoint: dict, k: int) -> dict:
     """Job k's checkpoint out of the sweep's: what its separate run would have saved at this step."""
     out = {key: value for key, value in checkpoint.items()
-           if key not in ("state_dict", "optimizer_states", "lr_schedulers", FIRST_LOSS_KEY, FIRST_LOSSES_KEY)}
+           if key not in ("state_dict", "optimizer_states", "lr_schedulers", FIRST_LOSS_KEY, LAST_LOSS_KEY,
+                          FIRST_LOSSES_KEY)}
     prefix = f"{PREFIX}{k}."
     out["state_dict"] = {name[len(prefix):]: v for name, v in checkpoint["state_dict"].items()
                          if name.startswith(prefix)}
     out["optimizer_states"] = [s["students"][k] for s in checkpoint.get("optimizer_states", [])]
     out["lr_schedulers"] = [s["students"][k] for s in checkpoint.get("lr_schedulers", [])]
     out[FIRST_LOSS_KEY] = checkpoint[FIRST_LOSS_KEY][k]
+    out[LAST_LOSS_KEY] = (checkpoint.get(LAST_LOSS_KEY) or [None] * (k + 1))[k]
     out[FIRST_LOSSES_KEY] = checkpoint[FIRST_LOSSES_KEY][k]
     return out
 
@@ -207,5 +212,6 @@ def merge_checkpoints(checkpoints: list[dict]) -> dict:
     out["optimizer_states"] = [{"students": [c["optimizer_states"][0] for c in checkpoints]}]
     out["lr_schedulers"] = [{"students": [c["lr_schedulers"][0] for c in checkpoints]}]
     out[FIRST_LOSS_KEY] = [c.get(FIRST_LOSS_KEY) for c in checkpoints]
+    out[LAST_LOSS_KEY] = [c.get(LAST_LOSS_KEY) for c in checkpoints]
     out[FIRST_LOSSES_KEY] = [c.get(FIRST_LOSSES_KEY) or {} for c in checkpoints]
     return out

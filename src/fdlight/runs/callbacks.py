@@ -138,6 +138,10 @@ class ResumeNote(Callback):
             steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else \
                 trainer.estimated_stepping_batches
             total = f" of {int(steps)}" if math.isfinite(steps) else ""
+            if math.isfinite(steps) and trainer.global_step >= steps:  # killed after its last checkpoint
+                log.info("resuming at step %d%s: every step is trained; writing what the run writes at its end",
+                         trainer.global_step, total)
+                return
             epoch = f" (epoch {trainer.current_epoch + 1}" + (f" of {trainer.max_epochs})" if trainer.max_epochs
                                                               and trainer.max_epochs > 0 else ")")
             log.info("resuming at step %d%s%s", trainer.global_step, total, epoch)
