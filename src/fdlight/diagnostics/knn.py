@@ -34,6 +34,15 @@ def tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return as_tokens(model, model.forward_features(x))
 
 
+def check_subject_settings(s, key: str) -> None:
+    """The settings of a stage that embeds images with one model (`knn`, `embed`): its `pretrained` and `pool`,
+    checked before anything loads."""
+    check(bool(s.get("pretrained")), f"{key}.pretrained is not set; pass {key}.pretrained=<run directory, "
+                                     f"student.safetensors or checkpoint>, or {key}.pretrained=teacher with "
+                                     f"teacher=<config>")
+    check(s.pool in POOLS, f"{key}.pool={s.pool} is not a pooling; choose one of: {', '.join(POOLS)}")
+
+
 def check_pool(pool: str, model: nn.Module, what: str, setting: str) -> str:
     """The pooling a model gets: `auto` is the model's own (timm's pre-logits features: its `global_pool`), else the
     CLS token for a model with a prefix token and the mean of its map for one without; `cls`, `mean` as named."""

@@ -233,16 +233,6 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: Path, every_n_train_steps: int | None):
         super().__init__(dirpath=str(dirpath), save_last=True, save_top_k=0, every_n_train_steps=every_n_train_steps,
                          save_on_train_epoch_end=True, enable_version_counter=False)  # one last.ckpt, never last-v1
-        self.kept: int | None = None  # the step checkpoints/last.ckpt holds, once known
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        super().on_train_start(trainer, pl_module)
-        if trainer.global_step > 0:  # resumed from it
-            self.kept = trainer.global_step
-
-    def _save_checkpoint(self, trainer, filepath: str) -> None:
-        super()._save_checkpoint(trainer, filepath)
-        self.kept = trainer.global_step
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self._last_global_step_saved != trainer.global_step or not self._last_checkpoint_saved:
@@ -250,25 +240,25 @@ class RunCheckpoint(ModelCheckpoint):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         """Ctrl-C: say what is kept and how to go on (Lightning only says it is shutting down). The step is read from
-        the file: a Ctrl-C during a save (after its rename, before the save returns) leaves `kept` one save behind."""
+        the file itself (a Ctrl-C can land in a save after its rename, before the save returns)."""
         if not isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
             return
         last = Path(self.dirpath) / "last.ckpt"
-        self.kept = saved_step(last, self.kept)
-        if self.kept is None:
+        kept = saved_step(last)
+        if kept is None:
             log.info("stopped at step %d, before the first checkpoint; resume=true starts the run again from step 0",
                      trainer.global_step)
         else:
             log.info("stopped at step %d; %s holds step %d, and resume=true continues from it", trainer.global_step,
-                     last, self.kept)
+                     last, kept)
 
 
-def saved_step(path: Path, otherwise: int | None) -> int | None:
-    """The global step a checkpoint file holds (its tensors are mapped, not read), or `otherwise` without one."""
+def saved_step(path: Path) -> int | None:
+    """The global step a checkpoint file holds (its tensors are mapped, not read), or None without one."""
     try:
         return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False)["global_step"])
     except (OSError, RuntimeError, KeyError, ValueError, EOFError, pickle.UnpicklingError):
-        return otherwise
+        return None
 
 
 class SeededSteps(Callback):

@@ -95,12 +95,14 @@ class RunLog(CSVLogger):
 
 
 def unlogged_row(trainer) -> dict | None:
-    """The row Lightning is about to log for the step that just trained (called between the step's
-    on_train_batch_end and the row): {"step": s, "metrics": {...}}, or None where this step logs no row. It reads
-    Lightning's logger connector as Lightning does when it logs the row; where that changed, None."""
+    """The row Lightning is about to log for the step that just trained, when called in that step's
+    on_train_batch_end (where its checkpoint is taken; the row comes after): {"step": s, "metrics": {...}}, or None
+    elsewhere and where this step logs no row. It reads Lightning's loop and logger connector as Lightning does when
+    it logs the row; where they changed, None."""
     try:
         connector, loop = trainer._logger_connector, trainer.fit_loop
-        if loop._should_accumulate() or not connector.should_update_logs:
+        progress = loop.epoch_loop.batch_progress.total  # a batch is marked completed after its batch-end hooks
+        if progress.processed == progress.completed or loop._should_accumulate() or not connector.should_update_logs:
             return None
         metrics = convert_tensors_to_scalars(connector.metrics["log"])
         step = loop.epoch_loop._batches_that_stepped
@@ -121,12 +123,11 @@ class ContinuousLog(Callback):
         self.logs = list(logs)
         self.saved: dict[str, int] = {}
         self.unlogged: dict | None = None  # the row a resumed run writes back, if its log lacks it
-        self.step_ended = False  # between a step's on_train_batch_end (checkpoints run last) and its row
         self.trainer = None
 
     def state_dict(self) -> dict:
         state = {"rows": {lg.log_dir: lg.rows() for lg in self.logs}}
-        own = self.own_log(self.trainer) if self.step_ended and self.trainer is not None else None
+        own = self.own_log(self.trainer) if self.trainer is not None else None
         row = unlogged_row(self.trainer) if own is not None else None
         if row is not None:
             state["unlogged"] = {"log_dir": own.log_dir, **row}
@@ -141,22 +142,7 @@ class ContinuousLog(Callback):
         return next((lg for lg in self.logs if lg is trainer.logger), None)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        self.trainer = trainer
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.step_ended = True
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.step_ended = False
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        self.step_ended = False
-
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self.step_ended = False
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.step_ended = False
+        self.trainer = trainer  # state_dict, called as a checkpoint is taken, is given none
 
     def on_train_start(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:

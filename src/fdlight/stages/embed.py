@@ -69,12 +69,9 @@ class Embed(Stage):
 
     def validate(self, cfg: DictConfig) -> None:
         s = self.settings(cfg)
-        check(bool(s.get("pretrained")), "embed.pretrained is not set; pass embed.pretrained=<run directory, "
-                                         "student.safetensors or checkpoint>, or embed.pretrained=teacher with "
-                                         "teacher=<config>")
+        knn.check_subject_settings(s, "embed")
         check(s.split in SPLITS, f"embed.split={s.split} is not a split; choose one of: {', '.join(SPLITS)}")
         check(str(s.dtype) in DTYPES, f"embed.dtype={s.dtype} is not stored; choose one of: {', '.join(DTYPES)}")
-        check(s.pool in knn.POOLS, f"embed.pool={s.pool} is not a pooling; choose one of: {', '.join(knn.POOLS)}")
         if cfg.data.name in FOLDER_SOURCES:  # the ImageFolder layout, checked before anything loads
             check_root(cfg.data, with_val=s.split == "val")
 

@@ -71,11 +71,7 @@ class Knn(Stage):
         return section(cfg, "knn")
 
     def validate(self, cfg: DictConfig) -> None:
-        s = self.settings(cfg)
-        check(bool(s.get("pretrained")), "knn.pretrained is not set; pass knn.pretrained=<run directory, "
-                                         "student.safetensors or checkpoint>, or knn.pretrained=teacher with "
-                                         "teacher=<config>")
-        check(s.pool in knn.POOLS, f"knn.pool={s.pool} is not a pooling; choose one of: {', '.join(knn.POOLS)}")
+        knn.check_subject_settings(self.settings(cfg), "knn")
         if cfg.data.name != "synthetic":
             check_root(cfg.data, with_val=True)
 
